@@ -1,0 +1,88 @@
+"""LaCo's Patch Merge Layer (PML) and its no-shortcut ablation, InternVL-style pixel shuffle.
+
+    PML(x) = Proj(space_to_channel_r(x)) + channel_average_r(space_to_channel_r(x))
+           = Proj(space_to_channel_r(x)) + avg_pool_r(x)
+
+Choices where the paper is silent (see docs/method.md):
+
+* Projection ``proj="mlp"`` (default): ``LayerNorm(r^2 C) -> Linear(r^2 C, C) -> GELU -> Linear(C, C)``,
+  the same head as InternVL's ``mlp1`` (its pixel-shuffle connector) but ending at the encoder width.
+  Keeping the projection identical between ``laco`` and ``pixel_shuffle`` makes the two differ by
+  the shortcut alone, which is the comparison the paper's Table 1 rests on. ``proj="linear"`` is
+  the minimal ``Linear(r^2 C, C)``.
+* The norm sits inside the projection branch (pre-norm, as in a transformer block), and the
+  shortcut is added after it, un-normalised: the next pretrained layer expects features on the
+  residual-stream scale, which only the raw average preserves.
+* ``zero_init`` (default: on when the shortcut is on) zeroes the projection's last layer, so a
+  freshly inserted PML computes exactly r x r average pooling: a pretrained encoder keeps working
+  before any training (retrofit), and training starts from that point.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from laco.compressors.base import Compressor, linear_flops, register_compressor
+from laco.ops import Grid, space_to_channel
+
+
+class PatchMergeLayer(Compressor):
+    """LaCo PML: r x r space-to-channel, projection back to ``dim``, plus the avg-pool shortcut."""
+
+    def __init__(
+        self,
+        dim: int,
+        ratio: int = 2,
+        *,
+        proj: Literal["mlp", "linear"] = "mlp",
+        residual: bool = True,
+        zero_init: bool | None = None,
+        pad="replicate",
+    ):
+        super().__init__(dim, ratio, pad=pad, residual=residual)
+        wide = ratio * ratio * dim
+        if proj == "mlp":
+            self.proj = nn.Sequential(nn.LayerNorm(wide), nn.Linear(wide, dim), nn.GELU(), nn.Linear(dim, dim))
+        elif proj == "linear":
+            self.proj = nn.Sequential(nn.Linear(wide, dim))
+        else:
+            raise ValueError(f"unknown projection {proj!r}; choose 'mlp' or 'linear'")
+        self.proj_type = proj
+        self.zero_init = residual if zero_init is None else zero_init
+        if self.zero_init and not residual:
+            raise ValueError("zero_init without the shortcut would output zeros; use residual=True")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.zero_init:
+            last = self.proj[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def compress(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        z, new_grid = space_to_channel(x, grid, self.ratio, self.pad)  # (B, h*w, r*r*C)
+        return self.proj(z), new_grid  # (B, h*w, C)
+
+    def compress_flops(self, grid: Grid) -> int:
+        n = self.num_tokens(grid)
+        wide = self.ratio * self.ratio * self.dim
+        f = linear_flops(n, wide, self.dim)
+        return f + (linear_flops(n, self.dim, self.dim) if self.proj_type == "mlp" else 0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", proj={self.proj_type!r}, zero_init={self.zero_init}"
+
+
+@register_compressor("laco")
+def _laco(dim: int, ratio: int = 2, **kwargs) -> PatchMergeLayer:
+    """LaCo PML: pixel shuffle + projection + average-pool shortcut (zero-initialised projection)."""
+    return PatchMergeLayer(dim, ratio, **kwargs)
+
+
+@register_compressor("pixel_shuffle")
+def _pixel_shuffle(dim: int, ratio: int = 2, *, residual: bool = False, **kwargs) -> PatchMergeLayer:
+    """InternVL-style pixel shuffle + MLP, no shortcut (LaCo minus its residual)."""
+    return PatchMergeLayer(dim, ratio, residual=residual, **kwargs)

@@ -1,0 +1,184 @@
+"""``compress_encoder``: run a vision encoder with compressors between (or after) its layers.
+
+    pixels -> embed -> layers[:k] -> split prefix -> compressor(x, grid) -> join prefix -> layers[k:]
+           -> final norm -> (post compressor) -> features
+
+The wrapper owns this loop (no monkey-patching): it calls the original encoder's modules, so
+parameters are shared with the model it wraps and only the compressors' are new.
+
+Where a merge goes (``layer``), with L = the number of layers that run (see ``feature_layer``):
+
+* ``int k`` in 0..L: after k layers. ``0`` merges the patch embeddings before the first layer
+  (the reviewers' "pixel level" question); ``L`` is the same as ``"post"``.
+* a fraction ``f`` in (0, 1] (float like ``0.25`` or string like ``"1/4"``): ``k = floor(f*L + 1/2)``,
+  i.e. rounded half up -- SigLIP-so400m's 27 layers at 1/4 give k = 7 (6.75), 26 layers give 7 (6.5).
+* ``"post"``: after the last layer and the encoder's final norm, on exactly the features a
+  post-encoder compressor would see (the paper's LaCo@1, "external compression").
+* a list of the above: several merges (each by ``ratio``), e.g. ``[0.25, 0.5]``.
+
+``feature_layer`` follows Hugging Face LLaVA: ``-1`` uses the encoder's own ``last_hidden_state``
+(final norm applied); ``-2`` stops after the penultimate layer and applies no final norm (the
+layers after the feature layer are never run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from laco.compressors import Compressor, create_compressor
+from laco.encoders.adapters import EncoderAdapter, get_adapter
+from laco.ops import Grid, join_prefix, split_prefix
+
+LayerSpec = Union[int, float, str]
+
+
+@dataclass
+class CompressedEncoderOutput(BaseModelOutput):
+    """``BaseModelOutput`` plus the patch ``grid`` of ``last_hidden_state`` and the prefix-token count.
+
+    ``last_hidden_state``: (B, P + h*w, C). ``hidden_states`` (if asked): the embeddings and the output
+    of every layer that ran, each at its own length (before a merge: full; after: compressed).
+    """
+
+    grid: tuple[int, int] | None = None
+    num_prefix_tokens: int | None = None
+
+
+def resolve_layer(spec: LayerSpec, num_layers: int) -> int:
+    """Turn a layer spec (int, fraction, "a/b", "post") into the number of layers before the merge."""
+    if isinstance(spec, bool):
+        raise TypeError(f"layer must be an int, a fraction or 'post', got {spec!r}")
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s in ("post", "external"):
+            return num_layers
+        try:
+            spec = Fraction(s) if "/" in s or "." in s else int(s)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"cannot parse layer {spec!r}; use an int, a fraction like '1/4' or 'post'") from None
+    if isinstance(spec, int):
+        if not 0 <= spec <= num_layers:
+            raise ValueError(f"layer {spec} is out of range for an encoder running {num_layers} layers (0..{num_layers})")
+        return spec
+    if isinstance(spec, (float, Fraction)):
+        if not 0 < spec <= 1:
+            raise ValueError(f"fractional layer {spec} must be in (0, 1]")
+        return int(Fraction(spec).limit_denominator(1000) * num_layers + Fraction(1, 2))
+    raise TypeError(f"layer must be an int, a fraction or 'post', got {type(spec).__name__}")
+
+
+class CompressedVisionEncoder(nn.Module):
+    """A vision encoder with compressors at given depths. Build it with ``compress_encoder``."""
+
+    def __init__(self, vision_model: nn.Module, stages: dict[int, Compressor], *, feature_layer: int = -1):
+        super().__init__()
+        self.vision_model = vision_model  # registered: parameters are the original tensors
+        self.adapter: EncoderAdapter = get_adapter(vision_model)
+        total = len(self.adapter.layers)
+        if not -total <= feature_layer <= -1:
+            raise ValueError(f"feature_layer must be in -{total}..-1, got {feature_layer}")
+        self.feature_layer = feature_layer
+        self.num_layers = total + feature_layer + 1  # layers that run
+        for k, comp in stages.items():
+            if not 0 <= k <= self.num_layers:
+                raise ValueError(f"merge after layer {k} is out of range 0..{self.num_layers}")
+            if comp.dim != self.adapter.dim:
+                raise ValueError(f"compressor width {comp.dim} != encoder width {self.adapter.dim}")
+        order = sorted(stages)
+        for k in order[:-1]:
+            if not stages[k].grid_output:
+                raise ValueError(f"{type(stages[k]).__name__} at layer {k} outputs no grid; it must be the last merge")
+        self.compressors = nn.ModuleDict({str(k): stages[k] for k in order})
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @property
+    def merge_layers(self) -> list[int]:
+        return [int(k) for k in self.compressors]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.adapter.num_prefix_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.adapter.dim
+
+    def output_grid(self, grid: Grid | None = None) -> Grid:
+        """Patch grid of the output for an input patch grid (default: the config's image size)."""
+        grid = tuple(grid) if grid is not None else self.adapter.grid_for_image_size()
+        for comp in self.compressors.values():
+            grid = comp.output_grid(grid)
+        return grid
+
+    def num_output_tokens(self, grid: Grid | None = None, *, include_prefix: bool = False) -> int:
+        h, w = self.output_grid(grid)
+        return h * w + (self.num_prefix_tokens if include_prefix else 0)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _merge(self, k: int, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        prefix, patches = split_prefix(x, self.num_prefix_tokens)
+        patches, grid = self.compressors[str(k)](patches, grid)
+        return join_prefix(prefix, patches), grid
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, interpolate_pos_encoding: bool = False
+    ) -> CompressedEncoderOutput:
+        a = self.adapter
+        grid = a.patch_grid(pixel_values)
+        x = a.embed(pixel_values, interpolate_pos_encoding)  # (B, P + H*W, C)
+        states = [x] if output_hidden_states else None
+        for i in range(self.num_layers):
+            if str(i) in self.compressors:
+                x, grid = self._merge(i, x, grid)  # (B, P + h*w, C)
+            x = a.call_layer(a.layers[i], x)
+            if states is not None:
+                states.append(x)
+        if self.feature_layer == -1:
+            x = a.final_norm(x)
+        if str(self.num_layers) in self.compressors:  # "post": external compression
+            x, grid = self._merge(self.num_layers, x, grid)
+        return CompressedEncoderOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(states) if states is not None else None,
+            grid=grid,
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
+
+
+def compress_encoder(
+    vision_model: nn.Module,
+    method: str | None = "laco",
+    layer: LayerSpec | Sequence[LayerSpec] = 0.25,
+    ratio: int = 2,
+    *,
+    feature_layer: int = -1,
+    **kwargs,
+) -> CompressedVisionEncoder:
+    """Wrap ``vision_model`` so that ``method`` merges r x r tokens after ``layer`` (see module doc).
+
+    ``method=None`` or ``"none"`` gives the uncompressed encoder through the same loop.
+    Extra ``kwargs`` go to the compressor (e.g. ``proj="linear"``, ``residual=True``, ``pad="crop"``).
+    """
+    adapter = get_adapter(vision_model)
+    n_run = len(adapter.layers) + feature_layer + 1
+    stages: dict[int, Compressor] = {}
+    if method not in (None, "none"):
+        specs = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        if not specs:
+            raise ValueError("layer list is empty")
+        for spec in specs:
+            k = resolve_layer(spec, n_run)
+            if k in stages:
+                raise ValueError(f"two merges resolve to the same layer {k} (from {specs})")
+            stages[k] = create_compressor(method, adapter.dim, ratio, **kwargs)
+    ref = next(adapter.model.parameters(), None)
+    if ref is not None:
+        for comp in stages.values():
+            comp.to(device=ref.device, dtype=ref.dtype)
+    return CompressedVisionEncoder(vision_model, stages, feature_layer=feature_layer)
