@@ -1,0 +1,3 @@
+from laco.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""The analytic FLOP/param model against values worked out by hand for a tiny configuration."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+import laco
+from laco.cli import app
+from laco.flops import decoder_layer_flops, vit_layer_flops
+
+
+def test_vit_layer_flops_by_hand():
+    # n=64 tokens, C=32, MLP 64: qkvo 2*64*32*128 = 524288, attention 2*2*64*64*32 = 524288, MLP 2*64*32*64*2 = 524288
+    assert vit_layer_flops(64, 32, 64) == 3 * 524288
+    # SwiGLU MLP has three matrices
+    assert vit_layer_flops(64, 32, 64, 3) == 3 * 524288 + 262144
+
+
+def test_decoder_layer_flops_by_hand():
+    # 10 tokens, D=64, 4 heads, 2 kv heads (kv width 32), MLP 128:
+    # proj 2*10*64*(128+64) = 245760; attn 2*2*10*10*64 = 25600; mlp 2*10*64*128*3 = 491520
+    assert decoder_layer_flops(10, 64, 128, 4, 2) == 245760 + 25600 + 491520
+    # one decoded token over a 10-token context: attention scales with the context only
+    assert decoder_layer_flops(1, 64, 128, 4, 2, context=10) == 24576 + 2560 + 49152
+
+
+def test_encoder_cost_tiny_siglip_by_hand():
+    enc = laco.compress_encoder(laco.create_vision_encoder("tiny-siglip"), "laco", layer=1)
+    cost = laco.encoder_cost(enc)
+    embed = 2 * 64 * 32 * (3 * 8 * 8)  # 786432: patchify conv
+    full_layer = 1572864  # vit_layer_flops(64, 32, 64)
+    small_layer = 2 * 16 * 32 * 128 + 4 * 16 * 16 * 32 + 2 * 16 * 32 * 64 * 2  # 294912
+    merge = 2 * 16 * 128 * 32 + 2 * 16 * 32 * 32 + 64 * 32  # mlp proj + shortcut pooling = 165888
+    assert cost.flops == {"embed": embed, "layers[0:1]": full_layer, "merge@1": merge, "layers[1:4]": 3 * small_layer}
+    assert cost.baseline_flops == embed + 4 * full_layer
+    assert cost.total_flops == 3409920
+    assert (cost.tokens_in, cost.tokens_out) == (64, 16)
+    # parameters: merge = LN(128) + Linear(128,32) + Linear(32,32)
+    assert cost.params["merge@1"] == 256 + 128 * 32 + 32 + 32 * 32 + 32
+    assert cost.total_params == sum(p.numel() for p in enc.parameters())  # SigLIP without the MAP head
+
+
+def test_encoder_cost_params_cover_the_model():
+    enc = laco.compress_encoder(laco.create_vision_encoder("tiny-clip"), "ldpv2", layer=[1, 2])
+    cost = laco.encoder_cost(enc)
+    unused = sum(p.numel() for p in enc.vision_model.post_layernorm.parameters())  # CLIP: pooled output only
+    assert cost.total_params == sum(p.numel() for p in enc.parameters()) - unused
+
+
+def test_laco_info_cli_prints_the_flop_ratio():
+    runner = CliRunner()
+    res = runner.invoke(app, ["info", "--encoder", "siglip-so400m-384", "--layer", "1/4"])
+    assert res.exit_code == 0, res.output
+    assert "729 (27x27) -> 196 (14x14)" in res.output and "FLOP ratio 0.449" in res.output
+    res = runner.invoke(app, ["info", "-e", "tiny-clip", "-l", "post", "--json"])
+    data = json.loads(res.output)
+    assert data["tokens_out"] == 16 and data["flop_ratio"] > 1.0  # external merge adds its own cost
+
+
+def test_cli_errors_are_one_line(capsys):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "laco", "info", "--method", "nope"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("laco: error: unknown compressor 'nope'") and "Traceback" not in res.stderr
