@@ -198,3 +198,14 @@ def test_encoder_cost_counts_the_real_siglip_so400m_shape():
     assert list(cost.flops) == ["embed", "layers[0:7]", "merge@7", "layers[7:27]"]
     assert cost.params["layers[0:7]"] + cost.params["layers[7:27]"] == 27 * cost.params["layers[0:7]"] // 7
     assert 0.40 < cost.flop_ratio < 0.50  # the METHOD.md model gives 0.4375 for a linear cost at f=1/4
+
+
+@pytest.mark.slow
+def test_real_siglip_so400m_forward_729_to_196():
+    """The real SigLIP-so400m-patch14-384 shape (random init, ~400M params): one forward at L/4, r = 2."""
+    model = laco.create_vision_encoder("siglip-so400m-384").eval()
+    enc = laco.compress_encoder(model, "laco", layer="1/4", ratio=2)
+    with torch.inference_mode():
+        out = enc(torch.randn(1, 3, 384, 384))
+    assert enc.merge_layers == [7]
+    assert out.grid == (14, 14) and out.last_hidden_state.shape == (1, 196, 1152)
