@@ -1,0 +1,19 @@
+"""The HF-native LaCo MLLM: config, model, projectors, processor, tokenizers, Auto registration.
+
+Importing this package registers ``model_type="laco"`` with ``AutoConfig``,
+``AutoModelForImageTextToText`` and ``AutoProcessor`` (``import laco`` does it).
+"""
+
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from laco.model.config import LaCoConfig
+from laco.model.modeling import LaCoForConditionalGeneration, LaCoPreTrainedModel
+from laco.model.projectors import create_projector, list_projectors, register_projector
+
+AutoConfig.register("laco", LaCoConfig, exist_ok=True)
+AutoModelForImageTextToText.register(LaCoConfig, LaCoForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "LaCoConfig", "LaCoForConditionalGeneration", "LaCoPreTrainedModel", "create_projector", "list_projectors",
+    "register_projector",
+]

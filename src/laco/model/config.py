@@ -1,0 +1,124 @@
+"""``LaCoConfig``: the configuration of a LaCo MLLM (vision encoder + compression + projector + LLM).
+
+Saved as one ``config.json`` with ``model_type: "laco"``; after ``import laco``, ``AutoConfig`` loads it.
+
+``compression`` is a plain dict (JSON-serialisable), normalised to all four keys::
+
+    {"method": "laco",     # any name in laco.list_compressors(), or "none"
+     "layer": "1/4",       # int k, fraction (0.25 / "1/4"), "post", or a list of these
+     "ratio": 2,           # merge r x r tokens into one
+     "kwargs": {}}         # extra compressor arguments, e.g. {"pad": "replicate", "proj": "mlp"}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+DEFAULT_COMPRESSION: dict[str, Any] = {"method": "laco", "layer": "1/4", "ratio": 2, "kwargs": {}}
+
+
+def normalize_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
+    """Fill defaults and validate a compression dict; unknown keys or methods are a ValueError."""
+    if compression is None:
+        compression = {}
+    if not isinstance(compression, dict):
+        raise TypeError(f"compression must be a dict like {DEFAULT_COMPRESSION}, got {type(compression).__name__}")
+    unknown = set(compression) - set(DEFAULT_COMPRESSION)
+    if unknown:
+        raise ValueError(f"unknown compression keys {sorted(unknown)}; expected a subset of {list(DEFAULT_COMPRESSION)}")
+    out = {**DEFAULT_COMPRESSION, **compression}
+    out["kwargs"] = dict(out["kwargs"] or {})
+    method = out["method"]
+    if method is None:
+        out["method"] = method = "none"
+    from laco.compressors import list_compressors
+
+    if method != "none" and method not in list_compressors():
+        raise ValueError(f"unknown compression method {method!r}; known: none, {', '.join(list_compressors())}")
+    if isinstance(out["layer"], tuple):
+        out["layer"] = list(out["layer"])
+    if isinstance(out["ratio"], bool) or not isinstance(out["ratio"], int):
+        raise TypeError(f"compression ratio must be an int, got {out['ratio']!r}")
+    return out
+
+
+@strict
+class LaCoConfig(PreTrainedConfig):
+    r"""Configuration of ``LaCoForConditionalGeneration``.
+
+    Args:
+        vision_config: a SigLIP / CLIP / DINOv2(+registers) vision config (object or dict with ``model_type``).
+            Default: a SigLIP vision config. SigLIP's MAP head is switched off (``vision_use_head=False``).
+        text_config: any causal-LM config (object or dict with ``model_type``). Default: Qwen2.
+        compression: see the module docstring.
+        projector_type: a name in ``laco.model.projectors`` (``"mlp2x_gelu"``, ``"linear"``, ``"identity"``, ...).
+        vision_feature_layer: which encoder layer feeds the projector (-1 last, -2 penultimate, ...).
+        vision_feature_select_strategy: ``"default"`` drops prefix tokens (CLS, registers), ``"full"`` keeps them.
+        image_token / image_token_id: the placeholder token repeated ``num_image_tokens`` times per image.
+        image_size: input resolution; default: ``vision_config.image_size``.
+    """
+
+    model_type = "laco"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs={"vision_use_head": False}
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    compression: dict | None = None
+    projector_type: str = "mlp2x_gelu"
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    image_token: str = "<image>"
+    image_token_id: int | None = None
+    image_size: int | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.compression = normalize_compression(self.compression)
+        if getattr(self.vision_config, "model_type", None) == "siglip_vision_model":
+            self.vision_config.vision_use_head = False  # MLLMs use patch tokens; the pooling head is dead weight
+        if self.image_size is None:
+            self.image_size = self.vision_config.image_size
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
+            )
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is outside the LLM vocabulary (size {self.text_config.vocab_size})"
+            )
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM tokens per image (per tile): the compressed grid, plus prefix tokens for strategy "full".
+
+        Computed by building the vision tower on the meta device (no memory, no weights), so it always
+        follows the compression config and the encoder family.
+        """
+        from laco.model.modeling import build_vision_tower
+
+        import torch
+
+        with torch.device("meta"):
+            tower = build_vision_tower(self)
+        return vision_tokens(tower, self)
+
+
+def vision_tokens(tower, config: LaCoConfig) -> int:
+    """Tokens one image contributes: compressed patch grid (+ prefix tokens if the strategy keeps them)."""
+    size = config.image_size
+    grid = tower.adapter.grid_for_image_size(size)
+    keep_prefix = config.vision_feature_select_strategy == "full"
+    return tower.num_output_tokens(grid, include_prefix=keep_prefix)

@@ -1,0 +1,289 @@
+"""``LaCoForConditionalGeneration``: vision tower (with LaCo compression inside) -> projector -> causal LM.
+
+    pixel_values (n_img, 3, H, W)
+      -> vision_tower (laco.CompressedVisionEncoder)   (n_img, P + h*w, C)
+      -> feature select ("default" drops the P prefix tokens)   (n_img, T, C),  T = num_image_tokens
+      -> projector                                            (n_img, T, D)
+      -> scattered, in order, into the positions of ``image_token_id`` in ``input_ids``
+      -> language_model (AutoModelForCausalLM)
+
+State-dict keys: ``vision_tower.vision_model.*`` (the pretrained encoder), ``vision_tower.compressors.*``,
+``projector.*``, ``language_model.*``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from laco.encoders import CompressedVisionEncoder, compress_encoder
+from laco.model.config import LaCoConfig, vision_tokens
+from laco.model.projectors import create_projector
+
+#: parameter-group names used by training for freezing / per-part learning rates
+PARAMETER_GROUPS = ("compressor", "encoder", "projector", "llm")
+
+
+def build_vision_tower(config: LaCoConfig, vision_model: nn.Module | None = None) -> CompressedVisionEncoder:
+    """The compressed vision tower of ``config``; ``vision_model`` (pretrained) or a fresh one from the config."""
+    if vision_model is None:
+        vision_model = AutoModel.from_config(config.vision_config)
+    comp = config.compression
+    return compress_encoder(
+        vision_model,
+        comp["method"],
+        layer=comp["layer"],
+        ratio=comp["ratio"],
+        feature_layer=config.vision_feature_layer,
+        **comp["kwargs"],
+    )
+
+
+class LaCoPreTrainedModel(PreTrainedModel):
+    config_class = LaCoConfig
+    config: LaCoConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The encoder and the LLM are PreTrainedModels and initialise themselves (dispatched by HF).
+        # What is left: the projector (LLaVA-style normal(0, 0.02)) and the compressors, which keep
+        # their own scheme (e.g. LaCo's zero-initialised last projection): a compressor sub-module is
+        # reset with torch's default, then its owning compressor's ``reset_parameters`` re-applies the
+        # compressor-specific part (HF may visit only some sub-modules, in any order).
+        if isinstance(module, nn.Linear) and _is_in(self, "projector", module):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            return
+        owner = _owning_compressor(self, module)
+        if owner is not None:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if owner is not module and hasattr(owner, "reset_parameters"):
+                owner.reset_parameters()
+
+
+def _is_in(model: nn.Module, prefix: str, module: nn.Module) -> bool:
+    try:
+        sub = model.get_submodule(prefix)
+    except AttributeError:
+        return False
+    return any(m is module for m in sub.modules())
+
+
+def _owning_compressor(model: nn.Module, module: nn.Module) -> nn.Module | None:
+    tower = getattr(model, "vision_tower", None)
+    if tower is None:
+        return None
+    for comp in tower.compressors.values():
+        if any(m is module for m in comp.modules()):
+            return comp
+    return None
+
+
+class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
+    """A LLaVA-style MLLM whose vision tower compresses tokens inside the encoder (LaCo)."""
+
+    def __init__(self, config: LaCoConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config)
+        self.projector = create_projector(
+            config.projector_type, self.vision_tower.hidden_size, config.text_config.hidden_size
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM tokens per image: the compressed grid at ``config.image_size`` (+ prefix if strategy "full")."""
+        return vision_tokens(self.vision_tower, self.config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per part: "compressor", "encoder", "projector", "llm" (disjoint; together: all)."""
+        return {
+            "compressor": list(self.vision_tower.compressors.parameters()),
+            "encoder": list(self.vision_tower.vision_model.parameters()),
+            "projector": list(self.projector.parameters()),
+            "llm": list(self.language_model.parameters()),
+        }
+
+    # -- image features -------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """(n_img, 3, H, W) -> (n_img, num_image_tokens, D): encoder + compression, feature select, projector."""
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        param = next(self.vision_tower.vision_model.parameters())
+        out = self.vision_tower(pixel_values.to(dtype=param.dtype, device=param.device))
+        feats = out.last_hidden_state  # (n_img, P + h*w, C)
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, out.num_prefix_tokens :]  # (n_img, h*w, C)
+        return self.projector(feats)  # (n_img, T, D)
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write ``image_features`` (n_img, T, D), in order, into the ``image_token_id`` positions.
+
+        The counts must match exactly (never truncated): a ValueError names both counts.
+        """
+        mask = input_ids == self.config.image_token_id  # (B, L)
+        n_tokens = int(mask.sum())
+        n_img, per_image = image_features.shape[:2]
+        if n_tokens != n_img * per_image:
+            raise ValueError(
+                f"image tokens and image features do not match: the input has {n_tokens} image tokens "
+                f"(id {self.config.image_token_id}) but {n_img} image(s) x {per_image} tokens = {n_img * per_image} "
+                f"features; each <image> must be expanded to {per_image} tokens (use LaCoProcessor)"
+            )
+        per_row = mask.sum(-1)
+        if bool((per_row % per_image).any()):
+            raise ValueError(
+                f"image tokens per sequence {per_row.tolist()} are not multiples of {per_image} tokens per image"
+            )
+        feats = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), feats)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values=None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Causal-LM forward with images; ``loss`` (shifted CE) when ``labels`` are given.
+
+        Image-token positions are never predicted: their labels are set to -100 here.
+        """
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        image_id = self.config.image_token_id
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the image tokens")
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values))
+        elif input_ids is not None and _is_prefill(cache) and image_id is not None and bool((input_ids == image_id).any()):
+            raise ValueError(
+                f"the input has {int((input_ids == image_id).sum())} image tokens (id {image_id}) but no pixel_values"
+            )
+        if labels is not None and input_ids is not None and image_id is not None:
+            labels = labels.masked_fill(input_ids == image_id, -100)
+        out = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return CausalLMOutputWithPast(
+            loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        # pixel_values only in the prefill step: later steps read the image through the KV cache.
+        # (GenerationMixin drops them already; this keeps the rule explicit and version-proof.)
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("pixel_values", None)
+        return inputs
+
+    # -- building from parts --------------------------------------------------------------------
+    @classmethod
+    def from_parts(
+        cls,
+        vision_dir: str | Path,
+        llm_dir: str | Path,
+        *,
+        compression: dict[str, Any] | None = None,
+        projector_type: str = "mlp2x_gelu",
+        tokenizer=None,
+        image_token: str = "<image>",
+        image_token_id: int | None = None,
+        **config_kwargs: Any,
+    ) -> "LaCoForConditionalGeneration":
+        """A LaCo MLLM from a saved HF vision model dir and a saved causal-LM dir (new compressors + projector).
+
+        The image token: ``image_token_id``, or taken from ``tokenizer`` (``image_token`` is added to it
+        as a special token if missing, and the LLM's embeddings grow if the id is past its vocabulary).
+        """
+        for name, path in (("vision_dir", vision_dir), ("llm_dir", llm_dir)):
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{name} {str(path)!r} is not a directory")
+        vision_model = AutoModel.from_pretrained(vision_dir)
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir)
+        if tokenizer is not None:
+            if image_token not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+            token_id = tokenizer.convert_tokens_to_ids(image_token)
+            if image_token_id is not None and image_token_id != token_id:
+                raise ValueError(f"image_token_id {image_token_id} != tokenizer's id {token_id} for {image_token!r}")
+            image_token_id = token_id
+            if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+                llm.resize_token_embeddings(len(tokenizer))
+        if image_token_id is None:
+            raise ValueError("from_parts needs image_token_id or a tokenizer to take the image token from")
+        config = LaCoConfig(
+            vision_config=vision_model.config.to_dict(),
+            text_config=llm.config.to_dict(),
+            compression=compression,
+            projector_type=projector_type,
+            image_token=image_token,
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        with torch.device("meta"):  # skeleton only: the parts below replace every module
+            model = cls(config)
+        ref = next(llm.parameters())
+        model.vision_tower = build_vision_tower(config, vision_model)
+        model.language_model = llm
+        model.projector = create_projector(projector_type, model.vision_tower.hidden_size, llm.config.hidden_size)
+        model.projector.to(device=ref.device, dtype=ref.dtype)
+        for m in model.projector.modules():
+            model._init_weights(m)
+        model.config.vision_config = vision_model.config
+        model.config.text_config = llm.config
+        return model
+
+
+def _is_prefill(cache) -> bool:
+    return cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0

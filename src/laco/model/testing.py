@@ -1,0 +1,60 @@
+"""Tiny LaCo models for tests and demos (about 100k parameters, random init, no downloads).
+
+* vision: SigLIP, 64 px, patch 8 -> 8x8 grid, 4 layers, width 32
+* compression: laco after layer 1 of 4 ("1/4"), r = 2 -> 4x4 = 16 image tokens
+* text: Qwen2, 2 layers, width 32, vocabulary ``TINY_VOCAB_SIZE`` (the tiny tokenizer's)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from laco.model.config import LaCoConfig
+
+TINY_VOCAB_SIZE = 384
+#: special tokens of the tiny tokenizer, in id order (ids 0..3)
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+TINY_IMAGE_TOKEN_ID = TINY_SPECIAL_TOKENS.index("<image>")
+
+
+def tiny_vision_config(**overrides: Any) -> dict[str, Any]:
+    cfg = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=2, image_size=64, patch_size=8, vision_use_head=False)
+    return {**cfg, **overrides}
+
+
+def tiny_text_config(**overrides: Any) -> dict[str, Any]:
+    cfg = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=TINY_VOCAB_SIZE, max_position_embeddings=512,
+               bos_token_id=None, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return {**cfg, **overrides}
+
+
+def tiny_laco_config(*, vision: dict | None = None, text: dict | None = None, **overrides: Any) -> LaCoConfig:
+    """A tiny ``LaCoConfig``; ``vision`` / ``text`` override sub-config fields, ``overrides`` top-level ones."""
+    kw: dict[str, Any] = dict(
+        vision_config=tiny_vision_config(**(vision or {})),
+        text_config=tiny_text_config(**(text or {})),
+        compression={"method": "laco", "layer": "1/4", "ratio": 2},
+        image_token_id=TINY_IMAGE_TOKEN_ID,
+    )
+    return LaCoConfig(**{**kw, **overrides})
+
+
+def tiny_laco_model(seed: int = 0, **config_kwargs: Any):
+    """A tiny ``LaCoForConditionalGeneration`` in eval mode, initialised from ``seed`` (global RNG untouched)."""
+    from laco.model.modeling import LaCoForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LaCoForConditionalGeneration(tiny_laco_config(**config_kwargs))
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """The tiny byte-level BPE (vocabulary ``TINY_VOCAB_SIZE``) matching ``tiny_laco_config``."""
+    from laco.model.tokenizer import tiny_tokenizer as _tiny
+
+    return _tiny()

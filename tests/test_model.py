@@ -1,0 +1,208 @@
+"""LaCoConfig / LaCoForConditionalGeneration on tiny models built in code (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import laco
+from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_laco_config, tiny_laco_model
+
+torch.set_num_threads(2)
+IMG = TINY_IMAGE_TOKEN_ID
+
+
+def _inputs(model, n_images=1, size=64, batch=1, seed=0):
+    """input_ids with n_images image blocks per row; pixel_values for all of them."""
+    g = torch.Generator().manual_seed(seed)
+    t = model.num_image_tokens
+    rows = []
+    for _ in range(batch):
+        row = [1, 10, 11]
+        for _ in range(n_images):
+            row += [IMG] * t + [12]
+        rows.append(row + [13, 14])
+    ids = torch.tensor(rows)
+    pv = torch.randn(batch * n_images, 3, size, size, generator=g)
+    return ids, pv
+
+
+def _encoder_tokens(model, pv):
+    """Compressed feature length from the tower itself (minus prefix for strategy default)."""
+    out = model.vision_tower(pv)
+    keep = model.config.vision_feature_select_strategy == "full"
+    return out.last_hidden_state.shape[1] - (0 if keep else out.num_prefix_tokens)
+
+
+def test_forward_loss_backward_and_groups():
+    model = tiny_laco_model().train()
+    ids, pv = _inputs(model, n_images=2, batch=2)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, labels=ids)
+    assert out.logits.shape == (*ids.shape, model.config.text_config.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    groups = model.parameter_groups()
+    assert set(groups) == {"compressor", "encoder", "projector", "llm"}
+    ids_of = {k: {id(p) for p in v} for k, v in groups.items()}
+    all_ids = {id(p) for p in model.parameters()}
+    assert set().union(*ids_of.values()) == all_ids
+    assert sum(len(v) for v in ids_of.values()) == len(all_ids)  # disjoint
+    for name in ("projector", "compressor", "llm"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in groups[name]), name
+
+
+def test_laco_projection_is_zero_initialised():
+    model = tiny_laco_model()
+    pml = model.vision_tower.compressors["1"]
+    assert torch.count_nonzero(pml.proj[-1].weight) == 0
+    assert model.projector[0].weight.std() > 0
+
+
+def test_image_labels_are_masked():
+    model = tiny_laco_model()
+    ids, pv = _inputs(model)
+    labels = ids.clone()
+    base = model(input_ids=ids, pixel_values=pv, labels=labels).loss
+    masked = labels.masked_fill(ids == IMG, -100)
+    assert torch.allclose(base, model(input_ids=ids, pixel_values=pv, labels=masked).loss)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(compression={"method": "laco", "layer": "1/4", "ratio": 2}),
+        dict(compression={"method": "laco", "layer": "post", "ratio": 2}),
+        dict(compression={"method": "none"}),
+        dict(compression={"method": "laco", "layer": [1, 3], "ratio": 2}),
+        # odd grid: 72 px / patch 8 -> 9x9, replicate pad -> 5x5
+        dict(compression={"method": "laco", "layer": "1/4", "ratio": 2}, vision={"image_size": 72}),
+        dict(compression={"method": "avg_pool", "layer": 2, "ratio": 2}),
+    ],
+)
+def test_num_image_tokens_matches_compressed_features(overrides):
+    model = tiny_laco_model(**overrides)
+    size = model.config.image_size
+    _, pv = _inputs(model, size=size)
+    n = _encoder_tokens(model, pv)
+    assert model.num_image_tokens == n == model.config.num_image_tokens
+    assert model.get_image_features(pv).shape == (1, n, model.config.text_config.hidden_size)
+    if overrides.get("vision", {}).get("image_size") == 72:
+        assert n == 25
+
+
+def test_full_strategy_keeps_cls_for_clip():
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=2, image_size=64, patch_size=8)
+    for strategy, expected in (("default", 16), ("full", 17)):
+        model = tiny_laco_model(vision_config=vision, vision_feature_select_strategy=strategy)
+        assert model.num_image_tokens == expected
+        _, pv = _inputs(model)
+        assert model.get_image_features(pv).shape[1] == expected
+
+
+def test_count_mismatch_is_value_error_before_llm():
+    model = tiny_laco_model()
+    ids, pv = _inputs(model, n_images=1)
+    calls = []
+    model.language_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="image tokens and image features do not match"):
+        model(input_ids=ids[:, :-4], pixel_values=pv)  # cuts the last image token too
+    with pytest.raises(ValueError, match="1 image"):
+        model(input_ids=torch.cat([ids[:, :5], ids[:, 6:]], 1), pixel_values=pv)  # one image token short
+    with pytest.raises(ValueError, match="2 image"):
+        model(input_ids=ids, pixel_values=torch.cat([pv, pv]))  # an extra image
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=ids)
+    assert not calls
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="unknown compression method"):
+        tiny_laco_config(compression={"method": "nope"})
+    with pytest.raises(ValueError, match="unknown compression keys"):
+        tiny_laco_config(compression={"method": "laco", "layers": 2})
+    with pytest.raises(ValueError, match="unknown projector"):
+        tiny_laco_model(projector_type="mlp0x_relu")
+    with pytest.raises(ValueError, match="outside the LLM vocabulary"):
+        tiny_laco_config(image_token_id=10_000)
+
+
+def test_projectors():
+    from laco.model.projectors import create_projector
+
+    assert create_projector("mlp3x_gelu", 8, 16)(torch.zeros(2, 8)).shape == (2, 16)
+    assert create_projector("linear", 8, 16)(torch.zeros(2, 8)).shape == (2, 16)
+    with pytest.raises(ValueError, match="identity"):
+        create_projector("identity", 8, 16)
+
+
+def _greedy(model, ids, pv, **kw):
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, max_new_tokens=6,
+                          do_sample=False, **kw)
+
+
+def test_generate_cache_equals_no_cache():
+    model = tiny_laco_model(seed=1)
+    ids, pv = _inputs(model, n_images=2)
+    with_cache = _greedy(model, ids, pv)
+    assert with_cache.shape[1] > ids.shape[1]
+    assert torch.equal(with_cache, _greedy(model, ids, pv, use_cache=False))
+
+
+def test_generate_uses_image():
+    model = tiny_laco_model(seed=1)
+    ids, pv = _inputs(model)
+    a = model(input_ids=ids, pixel_values=pv).logits[0, -1]
+    b = model(input_ids=ids, pixel_values=pv.flip(-1) * 3).logits[0, -1]
+    assert not torch.allclose(a, b)
+
+
+def test_save_auto_load_same_generation(tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model = tiny_laco_model(seed=2, compression={"method": "laco", "layer": [1, "post"], "ratio": 2})
+    ids, pv = _inputs(model)
+    before = _greedy(model, ids, pv)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(cfg, laco.LaCoConfig) and cfg.compression["layer"] == [1, "post"]
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(loaded, laco.LaCoForConditionalGeneration)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert torch.equal(before, _greedy(loaded.eval(), ids, pv))
+
+
+def test_from_parts(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModel, Qwen2Config, SiglipVisionConfig
+
+    from laco.model.testing import tiny_text_config, tiny_vision_config
+
+    torch.manual_seed(0)
+    vcfg = {k: v for k, v in tiny_vision_config().items() if k != "model_type"}
+    tcfg = {k: v for k, v in tiny_text_config().items() if k != "model_type"}
+    vision = AutoModel.from_config(SiglipVisionConfig(**vcfg))
+    llm = AutoModelForCausalLM.from_config(Qwen2Config(**tcfg))
+    vision.save_pretrained(tmp_path / "vision")
+    llm.save_pretrained(tmp_path / "llm")
+    model = laco.LaCoForConditionalGeneration.from_parts(
+        tmp_path / "vision", tmp_path / "llm", compression={"method": "laco", "layer": "post"}, image_token_id=IMG
+    )
+    assert torch.equal(model.vision_tower.vision_model.embeddings.patch_embedding.weight,
+                       vision.embeddings.patch_embedding.weight)
+    assert torch.equal(model.language_model.lm_head.weight, llm.lm_head.weight)
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.num_image_tokens == 16
+    ids, pv = _inputs(model)
+    out = model(input_ids=ids, pixel_values=pv, labels=ids)
+    assert torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path / "mllm")
+    from transformers import AutoModelForImageTextToText
+
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "mllm")
+    assert torch.allclose(again(input_ids=ids, pixel_values=pv).logits, model(input_ids=ids, pixel_values=pv).logits)
+    with pytest.raises(FileNotFoundError):
+        laco.LaCoForConditionalGeneration.from_parts(tmp_path / "missing", tmp_path / "llm", image_token_id=IMG)
+    with pytest.raises(ValueError, match="image_token_id"):
+        laco.LaCoForConditionalGeneration.from_parts(tmp_path / "vision", tmp_path / "llm")
