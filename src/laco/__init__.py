@@ -23,13 +23,13 @@ from laco.encoders import (
     resolve_layer,
 )
 from laco.flops import encoder_cost
-from laco.model import LaCoConfig, LaCoForConditionalGeneration  # registers the Auto classes
+from laco.model import LaCoConfig, LaCoForConditionalGeneration, LaCoProcessor  # registers the Auto classes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressedVisionEncoder", "Compressor", "LaCoConfig", "LaCoForConditionalGeneration", "PatchMergeLayer",
-    "compress_encoder", "create_compressor",
+    "CompressedVisionEncoder", "Compressor", "LaCoConfig", "LaCoForConditionalGeneration", "LaCoProcessor",
+    "PatchMergeLayer", "compress_encoder", "create_compressor",
     "create_vision_encoder", "encoder_cost", "list_compressors", "list_vision_presets", "register_compressor",
     "resolve_layer",
 ]

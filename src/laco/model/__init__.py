@@ -4,16 +4,18 @@ Importing this package registers ``model_type="laco"`` with ``AutoConfig``,
 ``AutoModelForImageTextToText`` and ``AutoProcessor`` (``import laco`` does it).
 """
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from laco.model.config import LaCoConfig
 from laco.model.modeling import LaCoForConditionalGeneration, LaCoPreTrainedModel
+from laco.model.processing import LaCoProcessor
 from laco.model.projectors import create_projector, list_projectors, register_projector
 
 AutoConfig.register("laco", LaCoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(LaCoConfig, LaCoForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(LaCoConfig, LaCoProcessor, exist_ok=True)
 
 __all__ = [
-    "LaCoConfig", "LaCoForConditionalGeneration", "LaCoPreTrainedModel", "create_projector", "list_projectors",
-    "register_projector",
+    "LaCoConfig", "LaCoForConditionalGeneration", "LaCoPreTrainedModel", "LaCoProcessor", "create_projector",
+    "list_projectors", "register_projector",
 ]
