@@ -26,7 +26,9 @@ import torch
 
 from laco.eval.metrics import list_metrics, score_prediction
 
-__all__ = ["EvalRecord", "build_messages", "evaluate", "load_records", "summarize"]
+__all__ = [
+    "EvalRecord", "build_messages", "evaluate", "generate_texts", "load_records", "render_prompt", "summarize",
+]
 
 IMAGE_PLACEHOLDER = "<image>"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -161,7 +163,7 @@ def build_messages(record: EvalRecord) -> list[dict[str, str]]:
     return messages
 
 
-def _render_prompt(processor: Any, messages: list[dict[str, str]]) -> str:
+def render_prompt(processor: Any, messages: list[dict[str, str]]) -> str:
     """Chat template -> prompt text ending with the assistant generation prefix."""
     templater = processor if hasattr(processor, "apply_chat_template") else processor.tokenizer
     return templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -188,24 +190,36 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 
 
 @torch.inference_mode()
-def generate_answers(model: Any, processor: Any, records: Sequence[EvalRecord], max_new_tokens: int) -> list[str]:
-    """Greedy answers for one batch; prompts are left-padded so every row ends at the generation point."""
+def generate_texts(
+    model: Any, processor: Any, prompts: Sequence[str], images: Sequence[Any], max_new_tokens: int, **gen_kwargs: Any
+) -> list[str]:
+    """Generate one continuation per rendered prompt; ``images`` is flat, in placeholder order across the batch.
+
+    Prompts are left-padded so every row ends at the generation point; greedy unless ``gen_kwargs`` say otherwise.
+    Returns the decoded new tokens, special tokens removed, whitespace stripped.
+    """
     tokenizer = processor.tokenizer
-    prompts = [_render_prompt(processor, build_messages(r)) for r in records]
-    images = [img for r in records for img in _load_images(r)]  # flat, in placeholder order
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        inputs = processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
+        inputs = processor(text=list(prompts), images=list(images) or None, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = old_side
     device, dtype = _model_device_dtype(model)
     inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device))
               for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    gen_kwargs.setdefault("do_sample", False)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **gen_kwargs)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, <= max_new_tokens): drop the prompt
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate_answers(model: Any, processor: Any, records: Sequence[EvalRecord], max_new_tokens: int) -> list[str]:
+    """Greedy answers for one batch of eval records."""
+    prompts = [render_prompt(processor, build_messages(r)) for r in records]
+    images = [img for r in records for img in _load_images(r)]
+    return generate_texts(model, processor, prompts, images, max_new_tokens)
 
 
 # --- predictions file (resume) --------------------------------------------------------------------
