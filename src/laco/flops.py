@@ -91,7 +91,7 @@ def encoder_cost(encoder: CompressedVisionEncoder, image_size: int | tuple[int, 
             params[f"merge@{k}"] = num_params(comp)
             flops[f"merge@{k}"] = comp.flops(cur)
             cur = comp.output_grid(cur)
-    if encoder.feature_layer == -1:
+    if encoder.apply_final_norm:
         params["final_norm"] = num_params(a.final_norm)
     baseline = flops["embed"] + encoder.num_layers * layer(n_in)
     return EncoderCost(grid, cur, n_in, cur[0] * cur[1], params, flops, baseline)

@@ -19,6 +19,10 @@ Where a merge goes (``layer``), with L = the number of layers that run (see ``fe
 ``feature_layer`` follows Hugging Face LLaVA: ``-1`` uses the encoder's own ``last_hidden_state``
 (final norm applied); ``-2`` stops after the penultimate layer and applies no final norm (the
 layers after the feature layer are never run).
+
+``final_norm`` overrides whether the final norm is applied (default ``None``: only at ``-1``).
+Hugging Face LLaVA reads ``hidden_states[vision_feature_layer]``, which is never normed, so a
+LLaVA(-OneVision) SigLIP tower with ``vision_feature_layer=-1`` is ``feature_layer=-1, final_norm=False``.
 """
 
 from __future__ import annotations
@@ -76,7 +80,10 @@ def resolve_layer(spec: LayerSpec, num_layers: int) -> int:
 class CompressedVisionEncoder(nn.Module):
     """A vision encoder with compressors at given depths. Build it with ``compress_encoder``."""
 
-    def __init__(self, vision_model: nn.Module, stages: dict[int, Compressor], *, feature_layer: int = -1):
+    def __init__(
+        self, vision_model: nn.Module, stages: dict[int, Compressor], *, feature_layer: int = -1,
+        final_norm: bool | None = None,
+    ):
         super().__init__()
         self.vision_model = vision_model  # registered: parameters are the original tensors
         self.adapter: EncoderAdapter = get_adapter(vision_model)
@@ -84,6 +91,7 @@ class CompressedVisionEncoder(nn.Module):
         if not -total <= feature_layer <= -1:
             raise ValueError(f"feature_layer must be in -{total}..-1, got {feature_layer}")
         self.feature_layer = feature_layer
+        self.apply_final_norm = feature_layer == -1 if final_norm is None else bool(final_norm)
         self.num_layers = total + feature_layer + 1  # layers that run
         for k, comp in stages.items():
             if not 0 <= k <= self.num_layers:
@@ -139,7 +147,7 @@ class CompressedVisionEncoder(nn.Module):
             x = a.call_layer(a.layers[i], x)
             if states is not None:
                 states.append(x)
-        if self.feature_layer == -1:
+        if self.apply_final_norm:
             x = a.final_norm(x)
         if str(self.num_layers) in self.compressors:  # "post": external compression
             x, grid = self._merge(self.num_layers, x, grid)
@@ -158,6 +166,7 @@ def compress_encoder(
     ratio: int = 2,
     *,
     feature_layer: int = -1,
+    final_norm: bool | None = None,
     **kwargs,
 ) -> CompressedVisionEncoder:
     """Wrap ``vision_model`` so that ``method`` merges r x r tokens after ``layer`` (see module doc).
@@ -181,4 +190,4 @@ def compress_encoder(
     if ref is not None:
         for comp in stages.values():
             comp.to(device=ref.device, dtype=ref.dtype)
-    return CompressedVisionEncoder(vision_model, stages, feature_layer=feature_layer)
+    return CompressedVisionEncoder(vision_model, stages, feature_layer=feature_layer, final_norm=final_norm)

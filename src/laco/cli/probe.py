@@ -1,0 +1,87 @@
+"""``laco probe``: rank merge depths and ratios of a pretrained encoder by feature fidelity vs FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from laco.cli import app
+
+
+def parse_layer_list(spec: str) -> list | None:
+    """'all' -> None (every depth); '0,2,1/4,post' -> [0, 2, '1/4', 'post']."""
+    if spec.strip().lower() == "all":
+        return None
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"--layers {spec!r} lists no layer; use 'all' or e.g. '0,2,1/4,post'")
+    return [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+
+
+def parse_ratio_list(spec: str) -> list[int]:
+    try:
+        ratios = [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--ratios must be comma-separated integers like '2,3', got {spec!r}") from None
+    if not ratios:
+        raise ValueError(f"--ratios {spec!r} lists no ratio")
+    return ratios
+
+
+@app.command()
+def probe(
+    source: str = typer.Argument(..., help="'embedded' (the project's pretrained encoder), a vision preset, or a "
+                                           "directory: HF vision encoder, LLaVA / LLaVA-OneVision checkpoint, LaCo model"),
+    images: Optional[Path] = typer.Option(None, "--images", "-i", help="image folder; sub-folders = class labels "
+                                                                        "(default for 'embedded': its real test scenes)"),
+    layers: str = typer.Option("all", "--layers", "-l", help="'all' (every k in 0..L) or a list: 0,2,1/4,post"),
+    ratios: str = typer.Option("2,3", "--ratios", "-r", help="merge ratios r (r x r tokens -> 1), comma-separated"),
+    budget: float = typer.Option(0.6, "--budget", "-b", help="highest acceptable encoder FLOP ratio"),
+    metric: str = typer.Option("auto", "--metric", help="ranking: auto (probe_acc with labels, else cosine), "
+                                                        "cosine, rel_error, probe_acc"),
+    max_images: int = typer.Option(512, "--max-images", "-n", help="images to use (a seeded subset)"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    out: Path = typer.Option(Path("probe_results"), "--out", "-o", help="folder for probe.json / probe.md / probe.png"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(2, "--threads", help="CPU threads for torch"),
+) -> None:
+    """Measure, before training, how much an in-encoder merge at each depth/ratio changes the final features."""
+    import shlex
+    import sys
+
+    import torch
+    from rich.console import Console
+
+    from laco.eval.probe import ProbeConfig, load_encoder_source, load_image_folder, probe_encoder
+
+    console = Console()
+    torch.set_num_threads(threads)
+    config = ProbeConfig(layers=parse_layer_list(layers), ratios=parse_ratio_list(ratios), budget=budget,
+                         metric=metric, batch_size=batch_size, seed=seed)
+    src = load_encoder_source(source)
+    config.feature_layer, config.final_norm = src.feature_layer, src.final_norm
+    for note in src.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if images is not None:
+        pixels, labels, classes = load_image_folder(images, src.image_size, src.image_mean, src.image_std,
+                                                    max_images=max_images, seed=seed)
+        what = f"{len(pixels)} images from {images}" + (f", {len(classes)} classes" if labels is not None else "")
+    elif source == "embedded":
+        from laco.data.embedded import real_scene_images
+        from laco.experiments.pretrain import to_pixel_values
+
+        imgs, quadrant_labels = real_scene_images(max_images, split="test")
+        pixels, labels = to_pixel_values(imgs), torch.as_tensor(quadrant_labels)
+        what = f"{len(pixels)} held-out embedded scenes (labels: item class per quadrant)"
+    else:
+        raise ValueError("--images DIR is required for this source (only 'embedded' brings its own images)")
+    console.print(f"probing {src.name}: {what}")
+    src.model.to(device)
+    result = probe_encoder(src.model, pixels, labels, config, source=src.name)
+    result.command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = result.save(out)
+    print(result.to_markdown())
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")

@@ -1,0 +1,373 @@
+"""``laco convert``: turn a pretrained LLaVA / LLaVA-OneVision checkpoint into a LaCo model.
+
+    src (Hugging Face LlavaForConditionalGeneration / LlavaOnevisionForConditionalGeneration)
+        model.vision_tower            -> vision_tower.vision_model     (same tensors, unchanged)
+        (new)                         -> vision_tower.compressors      (LaCo PML, projection zero-initialised)
+        model.multi_modal_projector   -> projector                     (linear_1, act, linear_2 -> mlp2x_gelu 0, 1, 2)
+        model.language_model, lm_head -> language_model                (an AutoModelForCausalLM; same tensors)
+
+With the zero-initialised PML the converted tower computes the source tower with an r x r average
+pool inside the encoder after layer k: a usable starting point that ``laco train`` stage 1 (PML +
+projector, encoder and LLM frozen) then trains.
+
+Feature selection is kept: Hugging Face LLaVA takes ``hidden_states[vision_feature_layer]``,
+which is never passed through the encoder's final norm, so a SigLIP / DINOv2 tower read at ``-1``
+(LLaVA-OneVision) converts to ``feature_layer=-1`` with ``final_norm=False`` (stored in the
+compression kwargs); positive layer indices become the equivalent negative ones.
+
+What does not carry over (each is listed in ``conversion.json`` ``notes``):
+
+* LLaVA-OneVision's AnyRes tiling and its learned ``image_newline``: the LaCo model encodes each
+  image (or tile) at the tower's base resolution; ``image_newline`` is dropped.
+* ``vision_feature_select_strategy="default"`` on a tower without a CLS token (SigLIP): Hugging
+  Face drops the first *patch* there; LaCo's "default" drops only prefix tokens (none for SigLIP),
+  so the grid stays whole -- the merge needs a complete grid.
+* A list-valued ``vision_feature_layer`` (several layers concatenated) is not supported.
+
+Idefics3 / SmolVLM are not supported: their vision transformer has no encoder adapter in
+``laco.encoders`` and their connector already pixel-shuffles outside the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import torch
+from torch import nn
+
+LayerSpec = Union[int, float, str]
+
+#: config model_type -> transformers class name, for the architectures ``convert`` reads
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+#: LLaVA projector activations that LaCo's "mlp2x_gelu" computes exactly (nn.GELU, erf form)
+_GELU_ACTS = ("gelu",)
+
+
+def _supported_text() -> str:
+    return ", ".join(f"{cls} (model_type {mt!r})" for mt, cls in SUPPORTED_ARCHITECTURES.items())
+
+
+def read_source_config(src_dir: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint dir, checked to be a supported architecture (clear errors otherwise)."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source checkpoint {str(src)!r} is not a directory")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(src)!r} has no config.json; expected a Hugging Face checkpoint directory")
+    cfg = json.loads(cfg_path.read_text())
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_ARCHITECTURES:
+        arch = ", ".join(cfg.get("architectures") or []) or "unknown architecture"
+        raise ValueError(f"cannot convert model_type {mt!r} ({arch}); supported: {_supported_text()}")
+    return cfg
+
+
+def hf_feature_layer_to_core(vision_feature_layer: Any, num_layers: int) -> int:
+    """HF ``hidden_states`` index (0 = embeddings, i = output of layer i; negative from the end) -> core -L..-1."""
+    if isinstance(vision_feature_layer, (list, tuple)):
+        raise ValueError(
+            f"vision_feature_layer {list(vision_feature_layer)} concatenates several layers; LaCo reads one layer"
+        )
+    if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
+        raise TypeError(f"vision_feature_layer must be an int, got {vision_feature_layer!r}")
+    f = vision_feature_layer
+    core = f - (num_layers + 1) if f >= 0 else f
+    if not -num_layers <= core <= -1:
+        raise ValueError(
+            f"vision_feature_layer {f} selects {'the patch embeddings' if core == -num_layers - 1 else 'no layer'} "
+            f"of a {num_layers}-layer tower; LaCo needs a transformer layer's output (1..{num_layers} or -{num_layers}..-1)"
+        )
+    return core
+
+
+def _hf_class(model_type: str):
+    import transformers
+
+    return getattr(transformers, SUPPORTED_ARCHITECTURES[model_type])
+
+
+def _safetensors_files(src: Path) -> list[Path]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {str(src)!r}")
+    return files
+
+
+def load_llava_vision_tower(src_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Only the vision tower of a LLaVA(-OneVision) checkpoint (the LLM is never loaded), and the source config.
+
+    Weight keys are matched for both layouts in circulation: ``model.vision_tower.*`` (transformers >= 4.52)
+    and ``vision_tower.*`` (older), with or without the ``vision_model.`` level of the tower class.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    src = Path(src_dir)
+    cfg = read_source_config(src)
+    vision_config = AutoConfig.for_model(**cfg["vision_config"])
+    if hasattr(vision_config, "vision_use_head"):
+        vision_config.vision_use_head = False  # SigLIP's pooling head: unused by LLaVA, often not saved
+    tower = AutoModel.from_config(vision_config)
+    target = set(tower.state_dict())
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _safetensors_files(src):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                for prefix in ("model.vision_tower.", "vision_tower."):
+                    if key.startswith(prefix):
+                        tensors[key[len(prefix):]] = f.get_tensor(key)
+    for strip, add in (("", ""), ("vision_model.", ""), ("", "vision_model.")):
+        cand = {add + k[len(strip):]: v for k, v in tensors.items() if k.startswith(strip)}
+        if target <= set(cand):
+            tower.load_state_dict({k: cand[k] for k in target}, strict=True)
+            return tower.eval(), cfg
+    missing = sorted(target - set(tensors))[:5]
+    raise ValueError(f"{str(src)!r} has no complete vision tower weights (e.g. missing {missing})")
+
+
+# -- conversion -------------------------------------------------------------------------------------
+@dataclass
+class ConversionReport:
+    """What ``convert_checkpoint`` did; saved as ``conversion.json`` next to the converted model."""
+
+    source: str
+    architecture: str
+    out_dir: str
+    compression: dict[str, Any]
+    source_vision_feature_layer: Any
+    vision_feature_layer: int
+    final_norm: bool
+    vision_feature_select_strategy: str
+    encoder_layers_run: int
+    merge_after_layers: list[int]
+    tokens_per_image_before: int
+    tokens_per_image_after: int
+    encoder_flop_ratio: float
+    carried_tensors: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _source_tokens_per_image(adapter, image_size: int, strategy: str) -> int:
+    """Tokens one base-resolution image gives in the source: HF "default" drops index 0, "full" keeps all."""
+    h, w = adapter.grid_for_image_size(image_size)
+    n = h * w + adapter.num_prefix_tokens
+    return n - 1 if strategy == "default" else n
+
+
+def build_converted_model(
+    source_model: nn.Module, *, layer: LayerSpec | Sequence[LayerSpec] = "1/4", ratio: int = 2, method: str = "laco",
+    compressor_kwargs: dict[str, Any] | None = None, image_token: str = "<image>",
+) -> tuple[nn.Module, list[str]]:
+    """A ``LaCoForConditionalGeneration`` sharing ``source_model``'s vision tower and LLM tensors (no copies),
+    with a new compressor (zero-initialised LaCo PML by default) and the LLaVA projector's weights.
+
+    Returns the model (eval mode) and notes on what did not carry over.
+    """
+    from laco.encoders.adapters import get_adapter
+    from laco.model.config import LaCoConfig
+    from laco.model.modeling import LaCoForConditionalGeneration, build_vision_tower
+    from laco.model.projectors import create_projector
+
+    src_cfg = source_model.config
+    mt = src_cfg.model_type
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"cannot convert {type(source_model).__name__} (model_type {mt!r}); supported: {_supported_text()}")
+    base = source_model.model  # LlavaModel / LlavaOnevisionModel: vision_tower, multi_modal_projector, language_model
+    vision = base.vision_tower
+    adapter = get_adapter(vision)  # TypeError naming the supported encoder families
+    notes: list[str] = []
+
+    feature_layer = hf_feature_layer_to_core(src_cfg.vision_feature_layer, len(adapter.layers))
+    # HF LLaVA reads hidden_states[...], never the final norm; only -1 would apply it in laco
+    kwargs = dict(compressor_kwargs or {})
+    has_norm = not isinstance(adapter.final_norm, nn.Identity)
+    if feature_layer == -1 and has_norm:
+        kwargs["final_norm"] = False
+    strategy = src_cfg.vision_feature_select_strategy
+    if strategy == "default" and adapter.num_prefix_tokens != 1:
+        notes.append(
+            f"vision_feature_select_strategy 'default': Hugging Face drops token 0 of every image, which for "
+            f"{type(vision).__name__} ({adapter.num_prefix_tokens} prefix tokens) is not exactly the prefix; LaCo "
+            "drops the prefix tokens only, so the merge sees the whole patch grid")
+    act = src_cfg.projector_hidden_act
+    if act not in _GELU_ACTS:
+        raise ValueError(f"projector activation {act!r} has no LaCo projector; supported: {_GELU_ACTS}")
+    if getattr(base, "image_newline", None) is not None:
+        notes.append("image_newline (LLaVA-OneVision's AnyRes row separator) is dropped: the LaCo model encodes each "
+                     "image at the tower's base resolution without AnyRes tiling")
+    if getattr(src_cfg, "image_grid_pinpoints", None):
+        notes.append("AnyRes tiling (image_grid_pinpoints) is not carried over; images are resized to the tower's "
+                     f"{vision.config.image_size} px base resolution")
+
+    config = LaCoConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=base.language_model.config.to_dict(),
+        compression={"method": method, "layer": layer, "ratio": ratio, "kwargs": kwargs},
+        projector_type="mlp2x_gelu",
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        image_token=image_token,
+        image_token_id=src_cfg.image_token_id,
+        image_size=vision.config.image_size,
+        tie_word_embeddings=bool(getattr(src_cfg, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):  # a skeleton: every module below is replaced by the source's or built for real
+        model = LaCoForConditionalGeneration(config)
+    model.vision_tower = build_vision_tower(config, vision)  # PML built on the tower's device/dtype, zero-init
+    lm = model.language_model
+    setattr(lm, lm.base_model_prefix, base.language_model)
+    lm.set_output_embeddings(source_model.get_output_embeddings())
+    model.projector = _convert_projector(base.multi_modal_projector, adapter.dim, config.text_config.hidden_size)
+    model.config.vision_config = vision.config
+    model.config.text_config = base.language_model.config
+    lm.config = base.language_model.config
+    if getattr(source_model, "generation_config", None) is not None:
+        model.generation_config = source_model.generation_config
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"conversion left tensors without data (a module the mapping misses): {leftover[:5]}")
+    return model.eval(), notes
+
+
+def _convert_projector(src: nn.Module, in_dim: int, out_dim: int) -> nn.Module:
+    """LLaVA's ``linear_1 -> act -> linear_2`` as LaCo's ``mlp2x_gelu`` (Sequential 0, 1, 2); weights copied exactly."""
+    from laco.model.projectors import create_projector
+
+    l1, l2 = src.linear_1, src.linear_2
+    if l1.in_features != in_dim:
+        raise ValueError(f"projector input width {l1.in_features} != vision width {in_dim} "
+                         "(several feature layers concatenated?)")
+    proj = create_projector("mlp2x_gelu", in_dim, out_dim).to(device=l1.weight.device, dtype=l1.weight.dtype)
+    with torch.no_grad():
+        for dst, s in ((proj[0], l1), (proj[2], l2)):
+            dst.weight.copy_(s.weight)
+            if s.bias is not None:
+                dst.bias.copy_(s.bias)
+            else:  # multimodal_projector_bias=False: a zero bias computes the same function
+                dst.bias.zero_()
+    return proj
+
+
+def _load_source_processor(src: Path):
+    """(tokenizer or None, image mean, image std) from the source dir's processor files."""
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    pre = src / "preprocessor_config.json"
+    if pre.is_file():
+        d = json.loads(pre.read_text())
+        mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+    tokenizer = None
+    if (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    return tokenizer, mean, std
+
+
+def _atomic_replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise ValueError(f"output directory {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def convert_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    layer: LayerSpec | Sequence[LayerSpec] = "1/4",
+    ratio: int = 2,
+    method: str = "laco",
+    compressor_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Convert the LLaVA(-OneVision) checkpoint in ``src_dir`` into a LaCo model saved in ``out_dir``.
+
+    Writes the model (safetensors), its processor when the source has a tokenizer, and ``conversion.json``;
+    everything goes to a temporary sibling folder that is renamed into place at the end.
+    """
+    from laco.encoders.adapters import get_adapter
+    from laco.flops import encoder_cost
+
+    src, out = Path(src_dir), Path(out_dir)
+    cfg = read_source_config(src)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output directory {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output directory must differ from the source checkpoint")
+    if method != "laco":
+        warnings.warn(f"method {method!r}: only 'laco' (zero-initialised) starts as average pooling; an untrained "
+                      f"{method} changes the model's outputs until it is trained", stacklevel=2)
+    tokenizer, mean, std = _load_source_processor(src)
+    image_token = "<image>"
+    if tokenizer is not None and cfg.get("image_token_index", cfg.get("image_token_id")) is not None:
+        image_token = tokenizer.convert_ids_to_tokens(int(cfg.get("image_token_index", cfg.get("image_token_id"))))
+    source_model = _hf_class(cfg["model_type"]).from_pretrained(src, dtype="auto").eval()
+    model, notes = build_converted_model(source_model, layer=layer, ratio=ratio, method=method,
+                                         compressor_kwargs=compressor_kwargs, image_token=image_token)
+    tower = model.vision_tower
+    adapter = get_adapter(tower.vision_model)
+    cost = encoder_cost(tower, model.config.image_size)
+    report = ConversionReport(
+        source=str(src), architecture=SUPPORTED_ARCHITECTURES[cfg["model_type"]], out_dir=str(out),
+        compression=dict(model.config.compression), source_vision_feature_layer=cfg.get("vision_feature_layer", -2),
+        vision_feature_layer=tower.feature_layer, final_norm=tower.apply_final_norm,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        encoder_layers_run=tower.num_layers, merge_after_layers=tower.merge_layers,
+        tokens_per_image_before=_source_tokens_per_image(adapter, model.config.image_size,
+                                                         model.config.vision_feature_select_strategy),
+        tokens_per_image_after=model.num_image_tokens, encoder_flop_ratio=cost.flop_ratio,
+        carried_tensors={
+            "vision_tower": len(tower.vision_model.state_dict()),
+            "projector": len(model.projector.state_dict()),
+            "language_model": len(model.language_model.state_dict()),
+            "new_compressor": len(tower.compressors.state_dict()),
+        },
+        notes=notes,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        processor = _build_processor(model, tokenizer, mean, std)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        else:
+            report.notes.append("the source has no tokenizer files: no processor was saved")
+        (tmp / "conversion.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _atomic_replace_dir(tmp, out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _build_processor(model, tokenizer, mean, std):
+    """A ``LaCoProcessor`` expanding each image placeholder to the converted model's token count."""
+    if tokenizer is None:
+        return None
+    from transformers import SiglipImageProcessorPil
+
+    from laco.model.processing import LaCoProcessor
+
+    size = model.config.image_size  # resize to the tower's square input, the source's normalisation
+    image_processor = SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(mean),
+                                              image_std=list(std))
+    return LaCoProcessor.from_model_config(model.config, tokenizer, image_processor=image_processor)

@@ -1,0 +1,316 @@
+"""`laco convert`: tiny random LLaVA / LLaVA-OneVision checkpoints -> LaCo models (no downloads).
+
+The key check builds the expected vision features independently of laco: its own loop over the
+Hugging Face tower's modules with ``F.avg_pool2d`` after layer k, read the way HF LLaVA reads them
+(``hidden_states[vision_feature_layer]``, then the select strategy).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+import laco
+from laco.model.convert import (
+    SUPPORTED_ARCHITECTURES,
+    build_converted_model,
+    convert_checkpoint,
+    hf_feature_layer_to_core,
+)
+from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_tokenizer
+
+torch.set_num_threads(2)
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
+              patch_size=8)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=384, max_position_embeddings=512, eos_token_id=2, pad_token_id=0)
+
+
+def llava_config(**kw) -> LlavaConfig:
+    """LLaVA-1.5 style: CLIP tower read at -2 (penultimate), CLS dropped ("default"), projector without bias."""
+    base = dict(vision_config=CLIPVisionConfig(**VISION), text_config=Qwen2Config(**TEXT, tie_word_embeddings=False),
+                image_token_index=TINY_IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                vision_feature_select_strategy="default", multimodal_projector_bias=False)
+    return LlavaConfig(**{**base, **kw})
+
+
+def onevision_config(**kw) -> LlavaOnevisionConfig:
+    """LLaVA-OneVision style: SigLIP tower read at -1 (un-normed), all tokens ("full"), tied embeddings, AnyRes."""
+    base = dict(vision_config=SiglipVisionConfig(**VISION, vision_use_head=False),
+                text_config=Qwen2Config(**TEXT, tie_word_embeddings=True), image_token_index=TINY_IMAGE_TOKEN_ID,
+                video_token_index=5, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                image_grid_pinpoints=[[64, 64], [64, 128]])
+    return LlavaOnevisionConfig(**{**base, **kw})
+
+
+BUILDERS = {
+    "llava": (LlavaForConditionalGeneration, llava_config),
+    "llava_onevision": (LlavaOnevisionForConditionalGeneration, onevision_config),
+}
+
+
+def save_source(path, arch: str, seed: int = 0, with_tokenizer: bool = True, **kw):
+    cls, make = BUILDERS[arch]
+    torch.manual_seed(seed)
+    model = cls(make(**kw)).eval()
+    model.save_pretrained(path)
+    if with_tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def converted(request, tmp_path_factory):
+    """(arch, source model, converted dir) with the merge after layer 1 of the layers that run, r = 2."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    src = save_source(root / "src", arch)
+    report = convert_checkpoint(root / "src", root / "out", layer=1, ratio=2)
+    return arch, src, root / "out", report
+
+
+# -- the independent reference ------------------------------------------------------------------------
+def reference_features(hf_tower, pixel_values, *, merge_after: int | None, ratio: int, feature_layer: int,
+                       strategy: str) -> torch.Tensor:
+    """HF LLaVA's image features (before the projector), with r x r average pooling after layer ``merge_after``.
+
+    Written against the HF modules directly (no laco code): embeddings (+ CLIP's pre-norm), encoder layers,
+    ``hidden_states[feature_layer]`` (never normed), then "default" drops token 0 as HF LLaVA does.
+    """
+    inner = getattr(hf_tower, "vision_model", hf_tower)
+    prefix = 1 if hasattr(inner, "pre_layrnorm") else 0  # CLIP has a CLS token, SigLIP none
+    x = inner.embeddings(pixel_values)
+    if prefix:
+        x = inner.pre_layrnorm(x)
+    layers = inner.encoder.layers
+    n_run = feature_layer % (len(layers) + 1)  # hidden_states[f] is the output of layer n_run
+    side = pixel_values.shape[-1] // hf_tower.config.patch_size
+    for i in range(n_run):
+        if i == merge_after:
+            cls_tok, patches = x[:, :prefix], x[:, prefix:]
+            b, n, c = patches.shape
+            grid = patches.transpose(1, 2).reshape(b, c, side, side)  # (B, C, H, W), raster order
+            pooled = F.avg_pool2d(grid, ratio)  # (B, C, H/r, W/r)
+            side //= ratio
+            x = torch.cat([cls_tok, pooled.flatten(2).transpose(1, 2)], dim=1)
+        out = layers[i](x, None)
+        x = out[0] if isinstance(out, tuple) else out
+    return x[:, 1:] if strategy == "default" else x
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_reference_loop_matches_hf_llava_without_merge(arch):
+    """The test's own loop reproduces HF LLaVA's image features exactly when nothing is merged."""
+    cls, make = BUILDERS[arch]
+    torch.manual_seed(1)
+    model = cls(make()).eval()
+    px = torch.randn(2, 3, 64, 64)
+    cfg = model.config
+    with torch.no_grad():
+        mine = model.model.multi_modal_projector(reference_features(
+            model.model.vision_tower, px, merge_after=None, ratio=2, feature_layer=cfg.vision_feature_layer,
+            strategy=cfg.vision_feature_select_strategy))
+        if arch == "llava":
+            hf_out = model.model.get_image_features(px, vision_feature_layer=cfg.vision_feature_layer,
+                                                    vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            hf = torch.stack(list(hf_out.pooler_output))
+        else:  # OV's get_image_features also tiles (AnyRes) and packs; its per-tile step is this:
+            states = model.model.vision_tower(px, output_hidden_states=True).hidden_states
+            hf = model.model.multi_modal_projector(states[cfg.vision_feature_layer])
+    torch.testing.assert_close(mine, hf)
+
+
+def test_converted_tower_equals_independent_inner_average_pool(converted):
+    arch, src, out, report = converted
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    cfg = src.config
+    assert model.vision_tower.merge_layers == [1]
+    px = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference_features(src.model.vision_tower, px, merge_after=1, ratio=2,
+                                      feature_layer=cfg.vision_feature_layer,
+                                      strategy=cfg.vision_feature_select_strategy)
+        got = model.get_image_features(px)
+        expected_proj = src.model.multi_modal_projector(expected)
+    # CLIP "default": HF drops the CLS token, which is laco's one prefix token; SigLIP "full": all 16 tokens
+    assert got.shape == expected_proj.shape == (3, model.num_image_tokens, TEXT["hidden_size"])
+    assert model.num_image_tokens == report.tokens_per_image_after == 16
+    torch.testing.assert_close(got, expected_proj)
+    # and it is a real change: the unmerged features differ
+    with torch.no_grad():
+        unmerged = reference_features(src.model.vision_tower, px, merge_after=None, ratio=2,
+                                      feature_layer=cfg.vision_feature_layer,
+                                      strategy=cfg.vision_feature_select_strategy)
+    assert unmerged.shape[1] > got.shape[1]
+
+
+def test_weights_bit_identical_after_save_and_load(converted):
+    arch, src, out, _ = converted
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    src_sd = src.state_dict()
+
+    def check(prefix_src: str, module: torch.nn.Module) -> int:
+        sd = module.state_dict()
+        keys = [k for k in src_sd if k.startswith(prefix_src)]
+        assert keys, prefix_src
+        for k in keys:
+            assert torch.equal(sd[k[len(prefix_src):]], src_sd[k]), k
+        return len(keys)
+
+    n_vis = check("model.vision_tower.", model.vision_tower.vision_model)
+    n_llm = check("model.language_model.", model.language_model.get_decoder())
+    assert n_vis == len(model.vision_tower.vision_model.state_dict())
+    assert n_llm == len(model.language_model.get_decoder().state_dict())
+    assert torch.equal(model.language_model.get_output_embeddings().weight, src_sd["lm_head.weight"])
+    proj = model.projector
+    assert torch.equal(proj[0].weight, src_sd["model.multi_modal_projector.linear_1.weight"])
+    assert torch.equal(proj[2].weight, src_sd["model.multi_modal_projector.linear_2.weight"])
+    if src.config.multimodal_projector_bias:
+        assert torch.equal(proj[0].bias, src_sd["model.multi_modal_projector.linear_1.bias"])
+    else:
+        assert not proj[0].bias.any() and not proj[2].bias.any()
+    # the PML's projection is zero-initialised (it starts as average pooling) and survives save/load
+    last = model.vision_tower.compressors["1"].proj[-1]
+    assert not last.weight.any() and not last.bias.any()
+    if src.config.tie_word_embeddings:
+        lm = model.language_model
+        assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+
+
+def test_convert_load_generate_with_processor(converted):
+    arch, src, out, report = converted
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.num_image_tokens == model.num_image_tokens
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = processor(text=["<image>\nWhat is here?", "Compare <image> and <image>."], images=[images[:1], images],
+                      return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 3 * model.num_image_tokens
+    out_ids = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out_ids.shape[1] > batch["input_ids"].shape[1]
+    saved = json.loads((out / "conversion.json").read_text())
+    assert saved["tokens_per_image_after"] == model.num_image_tokens
+    assert saved["merge_after_layers"] == [1]
+    if arch == "llava_onevision":
+        assert saved["final_norm"] is False  # HF reads hidden_states[-1]: SigLIP's post_layernorm is not applied
+        assert any("image_newline" in n for n in saved["notes"])
+        assert saved["tokens_per_image_before"] == 64
+    else:
+        assert saved["vision_feature_layer"] == -2 and saved["encoder_layers_run"] == 3
+        assert saved["tokens_per_image_before"] == 64  # 65 tokens, HF "default" drops the CLS
+
+
+def test_stage1_trains_only_pml_and_projector(converted):
+    """The converted model goes into stage 1: only compressor + projector get gradients and change."""
+    _, _, out, _ = converted
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    groups = model.parameter_groups()
+    assert groups["compressor"] and groups["projector"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = groups["compressor"] + groups["projector"]
+    for p in trainable:
+        p.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    n_img = model.num_image_tokens
+    ids = torch.tensor([[1] + [model.config.image_token_id] * n_img + [7, 8, 9, 2]])
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    loss = model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), labels=ids).loss
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("vision_tower.compressors.", "projector.")) for n in changed)
+    assert any(n.startswith("vision_tower.compressors.") for n in changed)
+
+
+# -- conversion details and errors ------------------------------------------------------------------------
+def test_feature_layer_mapping():
+    assert hf_feature_layer_to_core(-1, 4) == -1
+    assert hf_feature_layer_to_core(-2, 4) == -2
+    assert hf_feature_layer_to_core(4, 4) == -1  # hidden_states[4] of 4 layers: the last layer's output
+    assert hf_feature_layer_to_core(3, 4) == -2
+    with pytest.raises(ValueError, match="patch embeddings"):
+        hf_feature_layer_to_core(0, 4)
+    with pytest.raises(ValueError, match="several layers"):
+        hf_feature_layer_to_core([-2, -5], 4)
+    with pytest.raises(TypeError):
+        hf_feature_layer_to_core("last", 4)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "idefics3", "architectures": ["Idefics3X"]}))
+    with pytest.raises(ValueError) as err:
+        convert_checkpoint(tmp_path, tmp_path / "out")
+    msg = str(err.value)
+    assert "idefics3" in msg and all(cls in msg for cls in SUPPORTED_ARCHITECTURES.values())
+    with pytest.raises(FileNotFoundError):
+        convert_checkpoint(tmp_path / "missing", tmp_path / "out")
+
+
+def test_bad_sources_and_outputs(tmp_path):
+    src = LlavaForConditionalGeneration(llava_config(vision_feature_layer=[-2, -3])).eval()
+    with pytest.raises(ValueError, match="several layers"):
+        build_converted_model(src)
+    src = LlavaForConditionalGeneration(llava_config(projector_hidden_act="relu")).eval()
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        build_converted_model(src)
+    save_source(tmp_path / "src", "llava", with_tokenizer=False)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="exists"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "out")
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "out", overwrite=True, layer="post")
+    assert any("no processor" in n for n in report.notes)
+    assert report.merge_after_layers == [3] and report.encoder_flop_ratio > 1  # external: no saving
+    assert not list(tmp_path.glob(".out.*"))  # temporary folders cleaned up
+
+
+def test_final_norm_switch_matches_hf_hidden_states():
+    """Core: ``final_norm=False`` at -1 gives HF's un-normed hidden_states[-1] (what LLaVA reads)."""
+    torch.manual_seed(0)
+    vm = laco.create_vision_encoder("tiny-siglip").eval()
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        hf = vm(px, output_hidden_states=True)
+        normed = laco.compress_encoder(vm, None)(px).last_hidden_state
+        raw = laco.compress_encoder(vm, None, final_norm=False)(px).last_hidden_state
+    torch.testing.assert_close(normed, hf.last_hidden_state)
+    torch.testing.assert_close(raw, hf.hidden_states[-1])
+    assert not torch.allclose(raw, normed)
+    assert "final_norm" not in laco.encoder_cost(laco.compress_encoder(vm, "laco", final_norm=False)).params
+
+
+def test_cli_convert(tmp_path, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from laco.cli import app, main
+
+    save_source(tmp_path / "src", "llava")
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--layer", "1/4",
+                                   "--ratio", "2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "config.json").is_file() and "16" in res.output
+    monkeypatch.setattr(sys, "argv", ["laco", "convert", str(tmp_path / "src"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "exists" in capsys.readouterr().err
