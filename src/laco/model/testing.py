@@ -58,3 +58,18 @@ def tiny_tokenizer():
     from laco.model.tokenizer import tiny_tokenizer as _tiny
 
     return _tiny()
+
+
+def tiny_laco_processor(config: LaCoConfig | None = None, **kwargs: Any):
+    """A ``LaCoProcessor`` for ``config`` (default: ``tiny_laco_config()``) with the tiny tokenizer."""
+    from laco.model.processing import LaCoProcessor
+
+    return LaCoProcessor.from_model_config(config or tiny_laco_config(), tiny_tokenizer(), **kwargs)
+
+
+def save_tiny_mllm(path, seed: int = 0, **config_kwargs: Any):
+    """Save a tiny model and its processor to ``path`` (what ``laco generate`` / ``AutoProcessor`` load)."""
+    model = tiny_laco_model(seed=seed, **config_kwargs)
+    model.save_pretrained(path)
+    tiny_laco_processor(model.config).save_pretrained(path)
+    return model
