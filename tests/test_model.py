@@ -206,3 +206,66 @@ def test_from_parts(tmp_path):
         laco.LaCoForConditionalGeneration.from_parts(tmp_path / "missing", tmp_path / "llm", image_token_id=IMG)
     with pytest.raises(ValueError, match="image_token_id"):
         laco.LaCoForConditionalGeneration.from_parts(tmp_path / "vision", tmp_path / "llm")
+
+
+def test_batched_left_padded_generate_matches_single():
+    model = tiny_laco_model(seed=4)
+    t = model.num_image_tokens
+    rows = [[1, 10] + [IMG] * t + [12, 13], [1, 10, 20, 21, 22] + [IMG] * t + [12]]
+    pv = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])  # left padding with pad id 0
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=5, do_sample=False)
+    for i, row in enumerate(rows):
+        single = _greedy(model, torch.tensor([row]), pv[i : i + 1])[:, len(row):len(row) + 5]
+        assert torch.equal(batched[i, width:], single[0]), i
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    model = tiny_laco_model().train()
+    ids, pv = _inputs(model, batch=2)
+
+    def grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, pixel_values=pv, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss1, g1 = grads()
+    model.activation_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.vision_tower.modules())
+    loss2, g2 = grads()
+    assert torch.allclose(loss1, loss2)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_laco_model(text={"tie_word_embeddings": True})
+    lm = model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).language_model
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, lm.lm_head.weight)
+
+
+def test_from_parts_takes_image_token_from_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from laco.model.testing import tiny_text_config, tiny_tokenizer, tiny_vision_config
+
+    vcfg = {k: v for k, v in tiny_vision_config().items() if k != "model_type"}
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    SiglipVisionModel(SiglipVisionConfig(**vcfg)).save_pretrained(tmp_path / "vision")
+    tcfg = {**{k: v for k, v in tiny_text_config().items() if k != "model_type"}, "vocab_size": 300}
+    AutoModelForCausalLM.from_config(Qwen2Config(**tcfg)).save_pretrained(tmp_path / "llm")
+    tok = tiny_tokenizer()  # 384 tokens > the LLM's 300: embeddings grow
+    model = laco.LaCoForConditionalGeneration.from_parts(tmp_path / "vision", tmp_path / "llm", tokenizer=tok)
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert model.get_input_embeddings().num_embeddings >= len(tok)
+    ids, pv = _inputs(model)
+    assert model(input_ids=ids, pixel_values=pv).logits.shape[-1] >= len(tok)

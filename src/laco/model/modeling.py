@@ -102,6 +102,9 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
             config.projector_type, self.vision_tower.hidden_size, config.text_config.hidden_size
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # the tower is a plain nn.Module, so HF would not collect its encoder's unsplittable layer classes
+        # (device_map="auto", FSDP auto-wrap): name them here; the LLM's are collected by post_init
+        self._no_split_modules = list(getattr(self.vision_tower.vision_model, "_no_split_modules", None) or [])
         self.post_init()
 
     # -- bookkeeping --------------------------------------------------------------------------
