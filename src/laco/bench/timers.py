@@ -1,0 +1,247 @@
+"""Timing and peak memory for ``laco bench``: interleaved cases, warm-up, repeats, medians and spread.
+
+* CPU: ``time.perf_counter`` around the call; the thread count is part of the environment record.
+* CUDA: ``torch.cuda.Event(enable_timing=True)`` pairs, with a ``synchronize`` before the start (so
+  queued work of the previous case is not charged) and on the end event (kernels are asynchronous).
+* Peak memory: CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``; CPU: the process's
+  resident-set high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` after
+  ``malloc_trim`` hands freed heap back -- so it is the peak *RSS* of the whole process during the
+  case (weights included) and ``delta`` is the growth over the RSS just before it.
+* Interleaving: every round times every case once; within a part the method order rotates from
+  round to round, so slow phases of a shared machine hit all methods alike. The first ``warmup``
+  rounds are discarded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """Median and spread of timing samples (seconds): min, max, quartiles and IQR / median."""
+    if not samples:
+        raise ValueError("no timing samples to summarise")
+    s = sorted(samples)
+    med = statistics.median(s)
+    q1, q3 = (statistics.quantiles(s, n=4, method="inclusive")[i] for i in (0, 2)) if len(s) > 1 else (s[0], s[0])
+    return {"median": med, "mean": statistics.fmean(s), "min": s[0], "max": s[-1], "q1": q1, "q3": q3,
+            "rel_iqr": (q3 - q1) / med if med > 0 else 0.0, "n": len(s), "samples": list(samples)}
+
+
+class Timer:
+    """Times one call on ``device`` (seconds)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def time(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0  # ms -> s
+
+
+_KB = 1024
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Peak memory of one case: ``start()`` before, ``stop() -> {"peak": bytes, "delta": bytes}`` after."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._base = 0
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss"
+        self.available = self.device.type == "cuda" or self._can_reset_rss()
+
+    @staticmethod
+    def _can_reset_rss() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return _proc_status_kb("VmHWM") is not None
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.available:
+            _malloc_trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := current RSS
+            self._base = (_proc_status_kb("VmRSS") or 0) * _KB
+
+    def stop(self) -> dict[str, int] | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.available:
+            peak = (_proc_status_kb("VmHWM") or 0) * _KB
+        else:
+            return None
+        return {"peak": peak, "delta": max(0, peak - self._base)}
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Case:
+    """One timed thing: ``fn`` runs the work; ``reset`` (untimed) restores state after it (e.g. a KV cache)."""
+
+    method: str
+    part: str
+    fn: Callable[[], Any]
+    reset: Callable[[], Any] | None = None
+
+
+@dataclass
+class CaseResult:
+    method: str
+    part: str
+    times: list[float] = field(default_factory=list)
+    memory: list[dict[str, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "part": self.part, "time": summarize(self.times)}
+        if self.memory:
+            out["memory"] = {"peak": max(m["peak"] for m in self.memory), "delta": max(m["delta"] for m in self.memory)}
+        return out
+
+
+def interleaved_order(cases: list[Case], round_index: int) -> list[Case]:
+    """Cases grouped by part (first-seen order); within each part the method order rotates with the round."""
+    parts: dict[str, list[Case]] = {}
+    for c in cases:
+        parts.setdefault(c.part, []).append(c)
+    order = []
+    for group in parts.values():
+        k = round_index % len(group)
+        order.extend(group[k:] + group[:k])
+    return order
+
+
+def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 3, device: torch.device | str = "cpu",
+              memory: bool = True, progress: bool = True) -> list[CaseResult]:
+    """Time every case ``warmup + repeats`` times, interleaved; keep the last ``repeats`` rounds."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    keys = [(c.method, c.part) for c in cases]
+    if len(set(keys)) != len(keys):
+        raise ValueError("two cases share a (method, part) name")
+    timer, mem = Timer(device), PeakMemory(device)
+    results = {k: CaseResult(*k) for k in keys}
+    rounds = warmup + repeats
+    bar = _progress(rounds * len(cases), enabled=progress)
+    gc.collect()
+    gc.freeze()  # the models' objects move to a permanent generation: the per-case collect stays cheap
+    try:
+        for r in range(rounds):
+            for case in interleaved_order(cases, r):
+                bar.set_description(f"round {r + 1}/{rounds}{' (warm-up)' if r < warmup else ''} "
+                                    f"{case.part}: {case.method}")
+                gc.collect()
+                if memory:
+                    mem.start()
+                t = timer.time(case.fn)
+                used = mem.stop() if memory else None
+                if case.reset is not None:
+                    case.reset()
+                if r >= warmup:
+                    res = results[(case.method, case.part)]
+                    res.times.append(t)
+                    if used is not None:
+                        res.memory.append(used)
+                bar.update(1)
+    finally:
+        gc.unfreeze()
+        bar.close()
+    return list(results.values())
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="case", leave=False)
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What the numbers depend on: device name, threads, library versions, load, platform."""
+    import platform
+
+    import transformers
+
+    import laco
+
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "device_type": device.type,
+        "device_name": _device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {"laco": laco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "memory_kind": PeakMemory(device).kind,
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: torch.device | str = "cpu") -> str:
+    """Folder name for results: 'cpu-amd-epyc-2t' / 'cuda-nvidia-h100-80gb-hbm3'."""
+    device = torch.device(device)
+    name = re.sub(r"[^a-z0-9]+", "-", _device_name(device).lower()).strip("-")
+    slug = f"{device.type}-{name}" if name else device.type
+    return f"{slug}-{torch.get_num_threads()}t" if device.type == "cpu" else slug

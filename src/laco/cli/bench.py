@@ -1,0 +1,96 @@
+"""``laco bench``: time training and inference per method at real model shapes, against the FLOP model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from laco.cli import app
+
+
+@app.command()
+def bench(
+    vision: str = typer.Option("siglip-so400m-384", "--vision", help="vision preset (laco info --list)"),
+    llm: str = typer.Option("qwen2-0.5b", "--llm", help="LLM preset: qwen2-0.5b, qwen2-1.5b, qwen2-7b, tiny-qwen2"),
+    methods: str = typer.Option("none,post,laco@1/4,laco@1/2", "--methods", "-m",
+                                help="comma list: none, post (= laco@post), <compressor>@<layer> e.g. laco@1/4"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups relative to it (default laco@post)"),
+    ratio: int = typer.Option(2, "--ratio", "-r", help="merge r x r tokens into one"),
+    batch_size: int = typer.Option(1, "--batch-size", "-b"),
+    images_per_sample: int = typer.Option(1, "--images-per-sample"),
+    text_tokens: int = typer.Option(64, "--text-tokens", help="text tokens per sample (prompt + answer)"),
+    new_tokens: int = typer.Option(16, "--new-tokens", help="tokens generated per sample (decode, generate)"),
+    parts: Optional[str] = typer.Option(None, "--parts",
+                                        help="comma list of parts to time (default: all; see docs/benchmarks.md)"),
+    train: bool = typer.Option(True, "--train/--no-train", help="include the training-step parts"),
+    warmup: int = typer.Option(1, "--warmup", help="untimed rounds first"),
+    repeats: int = typer.Option(3, "--repeats", "-n", help="timed rounds (methods interleaved in each)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)"),
+    out: str = typer.Option("benchmarks/results", "--out", "-o", help="results root; a per-device folder is added"),
+    profile: bool = typer.Option(False, "--profile", help="also write torch.profiler op tables of the encoder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the FLOP model's predictions only; time nothing"),
+) -> None:
+    """Time encoder, prefill, decoding, generation and training steps per method; compare with FLOP predictions."""
+    import shlex
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from laco.bench.flops import Workload
+    from laco.bench.report import LABELS, analyze, write_report
+    from laco.bench.runner import PARTS, TRAIN_PARTS, BenchConfig, predict_all, run_benchmark
+    from laco.bench.timers import device_slug
+
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) if parts else PARTS
+    if not train:
+        chosen = tuple(p for p in chosen if p not in TRAIN_PARTS)
+    cfg = BenchConfig(
+        vision=vision, llm=llm, methods=methods, baseline=baseline, ratio=ratio,
+        work=Workload(batch_size, images_per_sample, text_tokens, new_tokens), parts=chosen,
+        warmup=warmup, repeats=repeats, device=device, dtype=dtype, threads=threads,
+    )
+    console = Console()
+    if dry_run:
+        pred = predict_all(cfg)
+        table = Table(title=f"predicted GFLOPs: {vision} + {llm}, batch {batch_size}")
+        table.add_column("part")
+        for m in pred:
+            table.add_column(m, justify="right")
+        for key in ("encoder", "projector", "prefill", "encode_prefill", "decode", "train_stage1", "train_stage2"):
+            table.add_row(LABELS.get(key, key), *[f"{pred[m][key] / 1e9:.1f}" for m in pred])
+        table.add_row("image tokens", *[str(pred[m]["image_tokens"]) for m in pred])
+        console.print(table)
+        return
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    # the effective command (every option spelled out), so the result can be reproduced exactly
+    args = ["--vision", vision, "--llm", llm, "--methods", ",".join(s.name for s in cfg.specs),
+            "--baseline", cfg.baseline, "--ratio", ratio, "--batch-size", batch_size,
+            "--images-per-sample", images_per_sample, "--text-tokens", text_tokens, "--new-tokens", new_tokens,
+            "--parts", ",".join(chosen), "--warmup", warmup, "--repeats", repeats, "--device", device,
+            "--dtype", dtype, *(["--threads", threads] if threads else []), *(["--profile"] if profile else [])]
+    command = "laco bench " + " ".join(shlex.quote(str(a)) for a in args)
+    result = run_benchmark(cfg, command=command, profile=profile).to_dict()
+    folder = f"{out.rstrip('/')}/{device_slug(cfg.torch_device)}"
+    paths = write_report(result, folder)
+    analysis = analyze(result)
+    table = Table(title=f"speedup vs {analysis['baseline']}: measured / predicted")
+    table.add_column("part")
+    methods_sp = list(analysis["speedups"])
+    for m in methods_sp:
+        table.add_column(m, justify="right")
+    for part in LABELS:
+        if any(part in analysis["speedups"][m] for m in methods_sp):
+            table.add_row(LABELS[part], *[(f"{s['measured']:.2f}x / {s['predicted']:.2f}x"
+                                           if (s := analysis["speedups"][m].get(part)) else "-") for m in methods_sp])
+    console.print(table)
+    for t in analysis["targets"]:
+        console.print(f"[{'green' if t['met'] else 'red'}]{'met ' if t['met'] else 'MISS'}[/] {t['method']}: "
+                      f"{t['target']} ({t['value']:.3g})")
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
