@@ -269,3 +269,20 @@ def test_from_parts_takes_image_token_from_tokenizer(tmp_path):
     assert model.get_input_embeddings().num_embeddings >= len(tok)
     ids, pv = _inputs(model)
     assert model(input_ids=ids, pixel_values=pv).logits.shape[-1] >= len(tok)
+
+
+def test_real_shapes_on_meta_device():
+    """SigLIP-so400m-384 + Qwen2-0.5B shapes (no memory): 27x27 patches -> 14x14 = 196 tokens at 1/4."""
+    from laco.encoders import vision_config
+
+    qwen05 = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    cfg = laco.LaCoConfig(vision_config=vision_config("siglip-so400m-384").to_dict(), text_config=qwen05,
+                          image_token_id=151669)
+    assert cfg.num_image_tokens == 196
+    assert laco.LaCoConfig(**{**cfg.to_dict(), "compression": {"method": "none"}}).num_image_tokens == 729
+    with torch.device("meta"):
+        model = laco.LaCoForConditionalGeneration(cfg)
+    sizes = {k: sum(p.numel() for p in v) for k, v in model.parameter_groups().items()}
+    assert sizes["projector"] == 1152 * 896 + 896 + 896 * 896 + 896  # mlp2x_gelu, LLaVA-OneVision's
+    assert 490e6 < sizes["llm"] < 500e6  # Qwen2-0.5B with tied embeddings
