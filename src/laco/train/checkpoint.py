@@ -1,0 +1,193 @@
+"""Atomic checkpoints and exact resume.
+
+Layout of a run's ``output_dir``::
+
+    run_config.yaml                 the resolved config (written when the run starts)
+    metrics.jsonl                   one line per log step
+    checkpoints/checkpoint-00000040/
+        model.safetensors           all weights (accelerate ``save_state``; sharded for FSDP/DeepSpeed)
+        optimizer.bin               optimizer state (read back with torch.load(weights_only=True))
+        random_states_<rank>.pkl    python / numpy / torch (/ cuda) RNG states of every process
+        trainer_state.json          stage, steps, epoch, data position, scheduler state
+    <stage name>/                   the model (save_pretrained, safetensors) + processor after each stage
+        laco_stage.json             written last: marks the stage as complete
+
+Every directory is written under a temporary name in the same folder and renamed into place with
+``os.replace`` once complete, so a killed run leaves either the previous checkpoint or the new one,
+never half of one. Temporary leftovers are removed when a run starts.
+
+Resume: the completed stages are read from their ``laco_stage.json`` markers; the newest checkpoint of
+the first unfinished stage restores weights, optimizer, scheduler, RNG states and the data position
+(epoch and micro-batches consumed; the per-epoch shuffle is a function of ``(seed, epoch)``), so the
+resumed run replays exactly the batches and updates the uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+STAGE_MARKER = "laco_stage.json"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands; saved in every checkpoint as JSON."""
+
+    stage_index: int
+    stage_name: str
+    step: int  # optimizer steps done in this stage
+    global_step: int  # optimizer steps done in the run
+    epoch: int  # current epoch in this stage
+    batches_in_epoch: int  # micro-batches (per process) of this epoch already consumed
+    samples_seen: int  # samples consumed in this stage, all processes
+    num_processes: int
+    batch_size: int
+    grad_accum: int
+    scheduler: dict[str, Any] = field(default_factory=dict)  # LR scheduler state_dict (JSON-safe)
+    last_loss: float | None = None
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainerState":
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished ``tmp`` directory to ``final`` (replacing an older one) with atomic renames."""
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``.
+
+    Single-process helper (the multi-process checkpoint path coordinates the rename itself).
+    """
+    final = Path(final)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final)
+
+
+def clean_temporary(output_dir: str | os.PathLike) -> None:
+    """Remove half-written directories a killed run left behind (main process, before training)."""
+    for parent in (Path(output_dir), Path(output_dir) / CHECKPOINT_DIR):
+        if parent.is_dir():
+            for p in parent.iterdir():
+                if p.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def completed_stages(output_dir: str | os.PathLike, stage_names: list[str]) -> int:
+    """How many leading stages are complete (their model directory carries the stage marker)."""
+    n = 0
+    for name in stage_names:
+        if not (Path(output_dir) / name / STAGE_MARKER).is_file():
+            break
+        n += 1
+    return n
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerState, keep: int) -> Path:
+    """Save model, optimizer, RNG states (all processes) and ``state`` atomically; keep the ``keep`` newest.
+
+    Collective: every process must call it.
+    """
+    root = Path(output_dir) / CHECKPOINT_DIR
+    final = root / f"{CHECKPOINT_PREFIX}{state.global_step:08d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)  # each process writes its own RNG file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / STATE_FILE, asdict(state))  # last file: its presence marks a complete checkpoint
+        _replace_dir(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainerState:
+    """Restore what ``save_checkpoint`` saved into the prepared objects; return the trainer state."""
+    path = Path(path)
+    state = TrainerState.from_json(path / STATE_FILE)
+    if state.num_processes != accelerator.num_processes:
+        raise ValueError(
+            f"checkpoint {path} was written by {state.num_processes} process(es) but this run has "
+            f"{accelerator.num_processes}; an exact resume needs the same number of processes"
+        )
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no RNG state for process {accelerator.process_index}")
+    accelerator.load_state(str(path))
+    return state
+
+
+def save_stage_model(accelerator, model, processor, output_dir: str | os.PathLike, stage_name: str,
+                     info: dict[str, Any]) -> Path:
+    """``save_pretrained`` the model (+ processor) of a finished stage atomically. Collective."""
+    final = Path(output_dir) / stage_name
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO-3) weights; collective
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        _write_json(tmp / STAGE_MARKER, info)
+        _replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,516 @@
+"""The training loop: stages run one after another on ``accelerate``.
+
+Per stage: set the seed, optionally add LoRA adapters to the LLM (peft), freeze every parameter group
+the stage does not list, build AdamW with one parameter group per trained part (its own learning rate;
+no weight decay on 1-D parameters), a warm-up + cosine/linear/constant schedule, and a DataLoader whose
+shuffle is a pure function of ``(seed, stage, epoch)``; prepare them with ``accelerate`` (DDP / FSDP /
+DeepSpeed come from the launch config); then run optimizer steps of ``grad_accum`` micro-batches.
+
+Loss: the token-mean cross-entropy over the assistant tokens of the *whole* global batch (all
+micro-batches of all processes): each micro-batch contributes ``sum of token losses * world / N``
+where ``N`` is the global count of label tokens, so the gradient equals that of single-process
+training on the same global batch however samples are split or padded.
+
+Safety: a NaN/inf loss or gradient norm raises ``NonFiniteLossError`` before the optimizer step, so
+the weights and the last checkpoint on disk stay good. Checkpoints (``save_every`` steps and every
+stage end) are atomic; see ``laco.train.checkpoint`` for the layout and the exact-resume contract.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laco.data.collator import IGNORE_INDEX, LlavaCollator
+from laco.data.llava import LlavaDataset, load_llava
+from laco.train.checkpoint import (
+    CHECKPOINT_DIR,
+    TrainerState,
+    clean_temporary,
+    completed_stages,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_stage_model,
+)
+from laco.train.config import PARAM_GROUPS, DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "run_config.yaml"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; training stopped before updating the weights."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int  # optimizer steps of the stage (all of them, also those before a resume)
+    model_dir: Path  # save_pretrained directory of the stage's model
+    losses: list[float] = field(default_factory=list)  # per optimizer step, run in this call
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path  # the final model (the last stage's directory)
+    global_step: int
+    stages: list[StageResult]
+    metrics_path: Path
+    model: nn.Module | None = None  # the trained model (unwrapped), the same object that was passed in
+
+    @property
+    def losses(self) -> list[float]:
+        return [x for s in self.stages for x in s.losses]
+
+
+# -- freezing ------------------------------------------------------------------------------------
+def _lora_wrapped(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, BaseTuner)
+
+
+def freeze_for_stage(model: nn.Module, trainable_groups: Sequence[str]) -> list[nn.Parameter]:
+    """Train exactly the parameters of ``trainable_groups``; freeze every other parameter.
+
+    Groups come from ``model.parameter_groups()`` ("compressor", "encoder", "projector", "llm").
+    When the LLM carries LoRA adapters (``apply_lora``), "llm" trains only the adapters. Returns the
+    trainable parameters.
+    """
+    if isinstance(trainable_groups, str):
+        raise TypeError(f"trainable_groups must be a list of group names, got the string {trainable_groups!r}")
+    groups = model.parameter_groups()
+    unknown = [g for g in trainable_groups if g not in groups]
+    if unknown:
+        raise ValueError(f"unknown parameter group(s) {unknown}; the model has {list(groups)}")
+    lora_ids = set()
+    llm = getattr(model, "language_model", None)
+    if llm is not None and _lora_wrapped(llm):
+        lora_ids = {id(p) for n, p in llm.named_parameters() if "lora_" in n}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable: list[nn.Parameter] = []
+    for g in trainable_groups:
+        params = groups[g]
+        if g == "llm" and lora_ids:
+            params = [p for p in params if id(p) in lora_ids]
+        for p in params:
+            p.requires_grad_(True)
+        trainable += params
+    if not trainable:
+        raise ValueError(f"parameter groups {list(trainable_groups)} hold no parameters in this model")
+    return trainable
+
+
+def set_train_mode(model: nn.Module, frozen_eval: bool = True) -> None:
+    """``model.train()``; with ``frozen_eval`` every fully frozen submodule goes to eval mode
+    (no dropout / drop-path in parts that do not learn)."""
+    model.train()
+    if not frozen_eval:
+        return
+
+    def visit(m: nn.Module) -> None:
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(model)
+
+
+def apply_lora(model: nn.Module, lora) -> nn.Module:
+    """Wrap ``model.language_model`` with peft LoRA adapters (``lora``: a ``laco.train.config.LoraConfig``)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraModel
+
+    if _lora_wrapped(model.language_model):
+        raise ValueError("the LLM already carries LoRA adapters")
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=list(lora.target_modules), bias="none")
+    model.language_model = LoraModel(model.language_model, cfg, "default")
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge LoRA adapters into the LLM weights and remove them (no-op without adapters)."""
+    if _lora_wrapped(model.language_model):
+        model.language_model = model.language_model.merge_and_unload()
+    return model
+
+
+# -- data ----------------------------------------------------------------------------------------
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A random permutation per epoch that depends only on ``(seed, epoch)``: the data position of a
+    resumed run is (epoch, batches consumed)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _resolve_data(train_data: Any, stage: StageConfig, config: RunConfig, image_token: str,
+                  progress: bool) -> tuple[LlavaDataset, DataConfig]:
+    dc = config.stage_data(stage) or DataConfig()
+    src = train_data.get(stage.name) if isinstance(train_data, Mapping) else train_data
+    if src is None:
+        if dc.path is None:
+            raise ValueError(f"stage {stage.name!r} has no data: pass train_data or set data.path in the config")
+        src = dc.path
+    if isinstance(src, LlavaDataset):
+        return src, dc
+    ds = load_llava(src, dc.image_folder, on_bad_record=dc.on_bad_record, check_images=dc.check_images,
+                    image_token=image_token, progress=progress)
+    return ds, dc
+
+
+# -- optimisation pieces ---------------------------------------------------------------------------
+def build_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW with, per trained group, a decayed (>= 2-D) and a non-decayed (1-D: biases, norms) param group."""
+    groups = model.parameter_groups()
+    param_groups = []
+    for g in stage.trainable:
+        lr = stage.group_lr.get(g, stage.learning_rate)
+        params = [p for p in groups[g] if p.requires_grad]
+        for decay, sel in ((stage.weight_decay, [p for p in params if p.ndim >= 2]), (0.0, [p for p in params if p.ndim < 2])):
+            if sel:
+                param_groups.append({"params": sel, "lr": lr, "weight_decay": decay, "name": g})
+    return torch.optim.AdamW(param_groups, lr=stage.learning_rate, betas=tuple(stage.adam_betas))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies over label positions. logits (B, T, V), labels (B, T) -> scalar fp32."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    window: list[dict] = []
+    for b in batches:
+        window.append(b)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def resolve_mixed_precision(value: str) -> str | None:
+    """"auto": bf16 on CUDA GPUs that support it, fp16 on other CUDA GPUs, none on CPU; ``None`` defers
+    to an ``accelerate launch`` config."""
+    if value != "auto":
+        if value == "fp16" and not torch.cuda.is_available():
+            raise ValueError("mixed_precision 'fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
+        return value
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(config: RunConfig):
+    """The ``Accelerator`` of a run (the distributed setup comes from ``accelerate launch``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    out = Path(config.output_dir)
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        log_with="tensorboard" if config.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)],
+    )
+
+
+# -- the run -------------------------------------------------------------------------------------
+def _prepare_output(accelerator, config: RunConfig, resume: bool) -> None:
+    out = Path(config.output_dir)
+    saved = out / RUN_CONFIG_FILE
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if saved.exists():
+            if not resume:
+                raise ValueError(f"{out} already holds a run; resume it (--resume / resume=True) or use a new output_dir")
+            before = load_run_config(saved).trajectory_dict()
+            now = config.trajectory_dict()
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                raise ValueError(f"cannot resume {out}: the config changed since the run started ({', '.join(changed)})")
+        clean_temporary(out)
+        save_run_config(config, saved)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """Drop metric lines after ``global_step`` (written by a killed run after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["global_step"] <= global_step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+def train(
+    model: nn.Module,
+    processor,
+    train_data: Any = None,
+    config: RunConfig | str | os.PathLike | dict | None = None,
+    *,
+    resume: bool = False,
+    accelerator=None,
+) -> TrainResult:
+    """Run every stage of ``config`` on ``model`` (in place) and return a ``TrainResult``.
+
+    Args:
+        model: a ``LaCoForConditionalGeneration`` (anything with ``parameter_groups()`` and the same forward).
+        processor: its ``LaCoProcessor`` (tokenizer, image processor, chat template, token count).
+        train_data: a ``LlavaDataset``, a list of LLaVA records, a ``datasets.Dataset``, a path, or a dict
+            ``{stage name: any of these}``; ``None`` uses each stage's ``data.path``.
+        config: a ``RunConfig``, a YAML path or a dict.
+        resume: continue the run in ``config.output_dir`` exactly where it stopped (fresh start if empty).
+        accelerator: an ``accelerate.Accelerator`` to use (default: one built from the config).
+    """
+    if config is None:
+        raise ValueError("train() needs a run config (RunConfig, YAML path or dict)")
+    config = config if isinstance(config, RunConfig) else load_run_config(config)
+    config.validate()
+    acc = accelerator or make_accelerator(config)
+    out = Path(config.output_dir)
+    # load and check every stage's data before any training
+    data = [_resolve_data(train_data, s, config, processor.image_token, config.progress and acc.is_main_process)
+            for s in config.stages]
+    _prepare_output(acc, config, resume)
+    if acc.is_main_process:
+        for s, (ds, _) in zip(config.stages, data):
+            if ds.bad_records:
+                ds.write_report(out / f"bad_records-{s.name}.jsonl")
+    if config.tensorboard:
+        acc.init_trackers("laco")
+
+    names = [s.name for s in config.stages]
+    done = completed_stages(out, names) if resume else 0
+    global_step = 0
+    results: list[StageResult] = []
+    if done:
+        global_step = _load_stage_weights(model, out / names[done - 1])
+        results = [StageResult(n, json.loads((out / n / "laco_stage.json").read_text())["steps"], out / n) for n in names[:done]]
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        st = TrainerState.from_json(ckpt / "trainer_state.json")
+        ckpt = ckpt if st.stage_index == done else None
+    if acc.is_main_process:
+        _truncate_metrics(out / METRICS_FILE, TrainerState.from_json(ckpt / "trainer_state.json").global_step
+                          if ckpt is not None else global_step)
+
+    for si in range(done, len(config.stages)):
+        ds, dc = data[si]
+        result, global_step = _run_stage(acc, model, processor, ds, dc, config, si, global_step,
+                                         ckpt if si == done else None)
+        results.append(result)
+    if config.tensorboard:
+        acc.end_training()
+    return TrainResult(out, results[-1].model_dir, global_step, results, out / METRICS_FILE, model)
+
+
+def _load_stage_weights(model: nn.Module, stage_dir: Path) -> int:
+    """Load a completed stage's saved model into ``model``; return the run's global step at that point."""
+    dtype = next(model.parameters()).dtype
+    saved = type(model).from_pretrained(stage_dir, dtype=dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    return int(json.loads((stage_dir / "laco_stage.json").read_text())["global_step"])
+
+
+def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfig, config: RunConfig, si: int,
+               global_step: int, ckpt: Path | None) -> tuple[StageResult, int]:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    stage = config.stages[si]
+    out = Path(config.output_dir)
+    stage_seed = config.seed + 1000 * si
+    set_seed(stage_seed)
+    if stage.lora is not None:
+        apply_lora(model, stage.lora)
+    trainable = freeze_for_stage(model, stage.trainable)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+
+    collator = LlavaCollator(processor, dc.max_length, on_overflow=dc.on_overflow)
+    sampler = EpochSampler(len(ds), stage_seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=collator,
+                                         num_workers=dc.num_workers, drop_last=False)
+    optimizer = build_optimizer(model, stage)
+    wrapped, optimizer, loader = acc.prepare(model, optimizer, loader)
+    if len(loader) == 0:
+        raise ValueError(f"stage {stage.name!r}: the data loader is empty ({len(ds)} samples)")
+    steps_per_epoch = math.ceil(len(loader) / stage.grad_accum)
+    total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    warmup = stage.warmup_steps if stage.warmup_steps is not None else round(stage.warmup_ratio * total)
+    name = {"constant": "constant_with_warmup"}.get(stage.scheduler, stage.scheduler)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    step = epoch = skip = samples_seen = 0
+    last_loss = None
+    if ckpt is not None:
+        st = load_checkpoint(acc, ckpt)
+        if (st.batch_size, st.grad_accum) != (stage.batch_size, stage.grad_accum):
+            raise ValueError(f"checkpoint {ckpt}: batch_size/grad_accum {st.batch_size}/{st.grad_accum} differ from "
+                             f"the config's {stage.batch_size}/{stage.grad_accum}")
+        scheduler.load_state_dict(st.scheduler)
+        step, epoch, skip, samples_seen, global_step, last_loss = (st.step, st.epoch, st.batches_in_epoch,
+                                                                    st.samples_seen, st.global_step, st.last_loss)
+        logger.info("resumed stage %r at step %d (epoch %d, batch %d) from %s", stage.name, step, epoch, skip, ckpt)
+
+    frozen_eval = not stage.gradient_checkpointing  # checkpointing only acts on modules in train mode
+    set_train_mode(acc.unwrap_model(wrapped), frozen_eval=frozen_eval)
+    trainable_ids = {id(p) for p in trainable}
+    losses: list[float] = []
+    bar = tqdm(total=total, initial=step, desc=f"stage {si + 1}/{len(config.stages)} {stage.name}",
+               disable=not (config.progress and acc.is_main_process), dynamic_ncols=True)
+    window_log: dict[str, float] = {"loss": 0.0, "n": 0, "tokens": 0, "samples": 0, "t0": time.perf_counter()}
+
+    def make_state() -> TrainerState:
+        return TrainerState(si, stage.name, step, global_step, epoch, batches_in_epoch, samples_seen,
+                            acc.num_processes, stage.batch_size, stage.grad_accum, scheduler.state_dict(), last_loss)
+
+    batches_in_epoch = skip
+    while step < total:
+        sampler.set_epoch(epoch)  # the same object inside the prepared loader: this epoch's permutation
+        batches = acc.skip_first_batches(loader, skip) if skip else loader
+        batches_in_epoch, skip = skip, 0
+        for window in _windows(batches, stage.grad_accum):
+            loss, grad_norm, n_tok, n_samp = _optimizer_step(acc, wrapped, optimizer, window, stage, trainable_ids)
+            scheduler.step()
+            step += 1
+            global_step += 1
+            batches_in_epoch += len(window)
+            samples_seen += n_samp
+            last_loss = loss
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            window_log["loss"] += loss
+            window_log["n"] += 1
+            window_log["tokens"] += n_tok
+            window_log["samples"] += n_samp
+            if step % config.log_every == 0 or step == total:
+                _log(acc, config, out, stage, si, step, global_step, epoch, optimizer, grad_norm, window_log)
+            if config.save_every and step % config.save_every == 0 and step < total:
+                save_checkpoint(acc, out, make_state(), config.keep_checkpoints)
+            if step >= total:
+                break
+        else:
+            epoch += 1
+            batches_in_epoch = 0
+    bar.close()
+
+    model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+    acc.free_memory()  # release the wrappers / optimizer; the next stage prepares again
+    merge_lora(model)
+    model.eval()
+    info = {"stage": stage.name, "index": si, "steps": step, "global_step": global_step, "last_loss": last_loss}
+    model_dir = save_stage_model(acc, model, processor, out, stage.name, info)
+    if acc.is_main_process:  # this stage's mid-stage checkpoints are superseded by its model directory
+        for p in (out / CHECKPOINT_DIR).glob("checkpoint-*"):
+            if TrainerState.from_json(p / "trainer_state.json").stage_index <= si:
+                shutil.rmtree(p, ignore_errors=True)
+    acc.wait_for_everyone()
+    return StageResult(stage.name, step, model_dir, losses), global_step
+
+
+def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfig,
+                    trainable_ids: set[int]) -> tuple[float, float | None, int, int]:
+    """Forward/backward every micro-batch of ``window``, then one optimizer step. Returns
+    (global token-mean loss, grad norm, global non-pad tokens, global samples)."""
+    device = acc.device
+    local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window),
+                          sum(int(b["attention_mask"].sum()) for b in window),
+                          sum(int(b["input_ids"].shape[0]) for b in window)], dtype=torch.float64, device=device)
+    n_items, n_tok, n_samp = acc.reduce(local, reduction="sum").tolist()
+    scale = acc.num_processes / max(n_items, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for j, batch in enumerate(window):
+        last = j == len(window) - 1
+        acc.sync_gradients = last  # the DeepSpeed accumulation boundary; DDP syncs outside no_sync
+        with nullcontext() if last else acc.no_sync(model):
+            if batch["input_ids"].shape[0] == 0:  # every sample dropped: a zero loss keeps collectives aligned
+                loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            else:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch.get("pixel_values"), use_cache=False)
+                loss = token_loss_sum(out.logits, batch["labels"])
+            loss_sum += loss.detach().double()
+            acc.backward(loss * scale)
+    loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1.0)
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"loss is {loss_value} in stage {stage.name!r}; stopped before updating the weights. The last good "
+            "checkpoint is kept: lower the learning rate or check the data, then resume"
+        )
+    grad_norm = None
+    if stage.max_grad_norm is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = acc.clip_grad_norm_(params, stage.max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+        if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"gradient norm is {grad_norm} in stage {stage.name!r}; stopped before updating "
+                                     "the weights (the last good checkpoint is kept)")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm, int(n_tok), int(n_samp)
+
+
+def _log(acc, config: RunConfig, out: Path, stage: StageConfig, si: int, step: int, global_step: int, epoch: int,
+         optimizer, grad_norm: float | None, w: dict[str, float]) -> None:
+    now = time.perf_counter()
+    dt = max(now - w["t0"], 1e-9)
+    lrs: dict[str, float] = {}
+    for g in optimizer.param_groups:
+        lrs.setdefault(g.get("name", str(len(lrs))), g["lr"])
+    row = {"stage": stage.name, "stage_index": si, "step": step, "global_step": global_step, "epoch": epoch,
+           "loss": w["loss"] / max(w["n"], 1), "lr": lrs, "grad_norm": grad_norm,
+           "tokens_per_s": w["tokens"] / dt, "samples_per_s": w["samples"] / dt, "time": time.time()}
+    if acc.is_main_process:
+        with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    if config.tensorboard:
+        acc.log({"loss": row["loss"], "tokens_per_s": row["tokens_per_s"], "samples_per_s": row["samples_per_s"],
+                 **{f"lr/{k}": v for k, v in lrs.items()}}, step=global_step)
+    w.update(loss=0.0, n=0, tokens=0, samples=0, t0=now)
