@@ -50,7 +50,6 @@ def probe(
 ) -> None:
     """Measure, before training, how much an in-encoder merge at each depth/ratio changes the final features."""
     import shlex
-    import sys
 
     import torch
     from rich.console import Console
@@ -81,7 +80,9 @@ def probe(
     console.print(f"probing {src.name}: {what}")
     src.model.to(device)
     result = probe_encoder(src.model, pixels, labels, config, source=src.name)
-    result.command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result.command = "laco probe " + " ".join(shlex.quote(str(a)) for a in (
+        source, *(("--images", images) if images is not None else ()), "--layers", layers, "--ratios", ratios,
+        "--budget", budget, "--metric", metric, "--max-images", max_images, "--seed", seed))
     paths = result.save(out)
     print(result.to_markdown())
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")
