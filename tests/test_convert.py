@@ -220,27 +220,31 @@ def test_convert_load_generate_with_processor(converted):
         assert saved["tokens_per_image_before"] == 64  # 65 tokens, HF "default" drops the CLS
 
 
-def test_stage1_trains_only_pml_and_projector(converted):
-    """The converted model goes into stage 1: only compressor + projector get gradients and change."""
+def test_laco_train_stage1_from_converted_dir(converted, tmp_path):
+    """`laco train`'s model source {pretrained: OUT_DIR} loads it; stage 1 changes only the PML and projector."""
+    import numpy as np
+    from PIL import Image
+
+    from laco.train import DataConfig, ModelSource, RunConfig, StageConfig, train
+    from laco.train.build import build_from_source
+
     _, _, out, _ = converted
-    model = AutoModelForImageTextToText.from_pretrained(out)
-    groups = model.parameter_groups()
-    assert groups["compressor"] and groups["projector"]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = groups["compressor"] + groups["projector"]
-    for p in trainable:
-        p.requires_grad_(True)
+    model, processor = build_from_source(ModelSource(pretrained=str(out)))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    n_img = model.num_image_tokens
-    ids = torch.tensor([[1] + [model.config.image_token_id] * n_img + [7, 8, 9, 2]])
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-    loss = model(input_ids=ids, pixel_values=torch.randn(1, 3, 64, 64), labels=ids).loss
-    loss.backward()
-    opt.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.startswith(("vision_tower.compressors.", "projector.")) for n in changed)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"thing {i}"}]})
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), data=DataConfig(image_folder=str(tmp_path)), progress=False,
+                    stages=[StageConfig("align", trainable=["compressor", "projector"], learning_rate=1e-2,
+                                        max_steps=2, batch_size=2, warmup_steps=0)])
+    result = train(model, processor, records, cfg)
+    changed = {n for n, p in result.model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert any(n.startswith("vision_tower.compressors.") for n in changed)
+    assert any(n.startswith("projector.") for n in changed)
+    assert all(n.startswith(("vision_tower.compressors.", "projector.")) for n in changed), changed
 
 
 # -- conversion details and errors ------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def probe(
                                                         "cosine, rel_error, probe_acc"),
     max_images: int = typer.Option(512, "--max-images", "-n", help="images to use (a seeded subset)"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    out: Path = typer.Option(Path("probe_results"), "--out", "-o", help="folder for probe.json / probe.md / probe.png"),
+    out: Path = typer.Option(Path("probe_results"), "--out", "-o", help="folder for NAME.json / NAME.md / NAME.png"),
+    name: str = typer.Option("probe", "--name", help="file stem of the outputs"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(2, "--threads", help="CPU threads for torch"),
@@ -82,7 +83,7 @@ def probe(
     result = probe_encoder(src.model, pixels, labels, config, source=src.name)
     result.command = "laco probe " + " ".join(shlex.quote(str(a)) for a in (
         source, *(("--images", images) if images is not None else ()), "--layers", layers, "--ratios", ratios,
-        "--budget", budget, "--metric", metric, "--max-images", max_images, "--seed", seed))
-    paths = result.save(out)
+        "--budget", budget, "--metric", metric, "--max-images", max_images, "--seed", seed, "--out", out, "--name", name))
+    paths = result.save(out, stem=name)
     print(result.to_markdown())
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")

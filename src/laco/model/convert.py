@@ -273,6 +273,12 @@ def _load_source_processor(src: Path):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(src)
+        if getattr(tokenizer, "chat_template", None) is None:  # LLaVA keeps it at the processor level
+            jinja, js = src / "chat_template.jinja", src / "chat_template.json"
+            if jinja.is_file():
+                tokenizer.chat_template = jinja.read_text()
+            elif js.is_file():
+                tokenizer.chat_template = json.loads(js.read_text()).get("chat_template")
     return tokenizer, mean, std
 
 
