@@ -247,6 +247,25 @@ def test_laco_train_stage1_from_converted_dir(converted, tmp_path):
     assert all(n.startswith(("vision_tower.compressors.", "projector.")) for n in changed), changed
 
 
+def test_real_shapes_llava_onevision_0_5b_on_meta():
+    """llava-onevision-qwen2-0.5b-ov-hf shapes (SigLIP-so400m with its last layer removed, 26 run, read at -1
+    un-normed; Qwen2-0.5B, tied): merge after layer 7 (26/4 = 6.5 rounds up), 27x27 -> 14x14 = 196 tokens."""
+    cfg = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                         num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False),
+        text_config=Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+        image_token_index=151646, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    with torch.device("meta"):
+        src = LlavaOnevisionForConditionalGeneration(cfg)
+        model, notes = build_converted_model(src, layer="1/4", ratio=2)
+    tower = model.vision_tower
+    assert tower.merge_layers == [7] and tower.num_layers == 26 and tower.apply_final_norm is False
+    assert model.num_image_tokens == 196
+    assert model.projector[0].weight.shape == (896, 1152)
+    assert laco.encoder_cost(tower).flop_ratio < 0.5
+
+
 # -- conversion details and errors ------------------------------------------------------------------------
 def test_feature_layer_mapping():
     assert hf_feature_layer_to_core(-1, 4) == -1

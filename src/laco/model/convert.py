@@ -236,7 +236,8 @@ def build_converted_model(
     lm.config = base.language_model.config
     if getattr(source_model, "generation_config", None) is not None:
         model.generation_config = source_model.generation_config
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    src_meta = next(source_model.parameters()).is_meta  # a meta source (shape checks) stays meta
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not src_meta]
     if leftover:
         raise RuntimeError(f"conversion left tensors without data (a module the mapping misses): {leftover[:5]}")
     return model.eval(), notes
