@@ -143,7 +143,7 @@ def _greedy(model, ids, pv, **kw):
 
 def test_generate_cache_equals_no_cache():
     model = tiny_laco_model(seed=1)
-    ids, pv = _inputs(model, n_images=2)
+    ids, pv = _inputs(model, n_images=1)
     with_cache = _greedy(model, ids, pv)
     assert with_cache.shape[1] > ids.shape[1]
     assert torch.equal(with_cache, _greedy(model, ids, pv, use_cache=False))

@@ -97,6 +97,8 @@ def test_processor_save_load_round_trip(tmp_path, tok):
     assert again.apply_chat_template(chat, add_generation_prompt=True) == (
         "<|im_start|>user\n<image>What?<|im_end|>\n<|im_start|>assistant\n"
     )
+    with pytest.raises(ValueError, match="expands each <image>"):
+        again.apply_chat_template(chat, tokenize=True)
 
 
 def test_small_tokenizer_ids_and_template():

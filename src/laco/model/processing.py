@@ -222,9 +222,11 @@ class LaCoProcessor(ProcessorMixin):
         return list(images)
 
     def apply_chat_template(self, conversation, **kwargs):
-        """The tokenizer's chat template (ChatML); image items render as the image placeholder."""
-        kwargs.setdefault("tokenize", False)
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
+        """The chat template (ChatML) applied to ``conversation`` -> text; image items render as ``<image>``."""
+        if kwargs.pop("tokenize", False):
+            raise ValueError("apply_chat_template returns text here: tokenize it with processor(text=..., images=...), "
+                             "which expands each <image> to the model's image-token count")
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
