@@ -171,7 +171,9 @@ class ProbeResult:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         if self.full_probe_acc is not None:
-            lines += [f"Linear probe on the uncompressed features: {self.full_probe_acc:.3f}.", ""]
+            lines += [f"Linear probe on the uncompressed features (grid pooled to at most {self.config.probe_grid}x"
+                      f"{self.config.probe_grid}): {self.full_probe_acc:.3f}. `ref. probe acc`: on the reference (the "
+                      "uncompressed features pooled by r, i.e. external pooling).", ""]
         if self.depth_trend:
             lines.append("Depth trend (Spearman correlation of fidelity with k, per ratio; +1 = fidelity rises "
                          "monotonically as the merge moves later):")
@@ -313,7 +315,7 @@ def probe_encoder(
     rel_sum = [0.0] * len(candidates)
     tok_count = [0] * len(candidates)
     feats: list[list[torch.Tensor]] = [[] for _ in candidates]
-    ref_feats: list[list[torch.Tensor]] = [[] for _ in candidates]
+    ref_feats: dict[int, list[torch.Tensor]] = {r: [] for r in config.ratios}  # the reference depends on r only
     full_feats: list[torch.Tensor] = []
     batches = range(0, n, config.batch_size)
     bar = tqdm(total=len(batches) * (len(candidates) + 1), desc="probe", disable=not progress)
@@ -322,11 +324,15 @@ def probe_encoder(
         ref_out = reference(x)
         full = _patch_features(ref_out, p)  # (B, H*W, C), the uncompressed final features
         full_feats.append(_probe_features(full, ref_out.grid, config.probe_grid))
+        pooled = {r: pool_tokens(full, ref_out.grid, r, config.pad) for r in config.ratios}  # (B, h*w, C), (h, w)
+        if labels is not None:
+            for r, (ref, grid) in pooled.items():
+                ref_feats[r].append(_probe_features(ref, grid, config.probe_grid))
         bar.update(1)
         for i, (k, r, enc) in enumerate(candidates):
             out = enc(x)
             y = _patch_features(out, p)  # (B, h*w, C)
-            ref, grid = pool_tokens(full, ref_out.grid, r, config.pad)  # (B, h*w, C), same grid as y
+            ref, grid = pooled[r]  # the same grid as y
             if tuple(grid) != tuple(out.grid):
                 raise RuntimeError(f"grid mismatch at k={k} r={r}: {out.grid} vs pooled reference {grid}")
             cos_sum[i] += F.cosine_similarity(y, ref, dim=-1).sum().item()
@@ -334,18 +340,19 @@ def probe_encoder(
             rel_sum[i] += ((y - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)).sum().item()
             if labels is not None:
                 feats[i].append(_probe_features(y, grid, config.probe_grid))
-                ref_feats[i].append(_probe_features(ref, grid, config.probe_grid))
             bar.update(1)
     bar.close()
 
     split = _split(n, config.test_fraction, config.seed) if labels is not None else None
+    ref_accs = ({r: linear_probe_accuracy(torch.cat(f), labels, split, seed=config.seed) for r, f in ref_feats.items()}
+                if split is not None else {})
     rows: list[ProbeRow] = []
     for i, (k, r, enc) in enumerate(candidates):
         cost = encoder_cost(enc, image_size)
         acc = ref_acc = None
         if split is not None:
             acc = linear_probe_accuracy(torch.cat(feats[i]), labels, split, seed=config.seed)
-            ref_acc = linear_probe_accuracy(torch.cat(ref_feats[i]), labels, split, seed=config.seed)
+            ref_acc = ref_accs[r]
         rows.append(ProbeRow(
             layer=k, fraction=k / n_run if n_run else 1.0, ratio=r, grid=tuple(cost.output_grid),
             tokens=cost.tokens_out, flop_ratio=cost.flop_ratio, gflops=cost.total_flops / 1e9,
