@@ -77,6 +77,8 @@ def test_image_labels_are_masked():
         # odd grid: 72 px / patch 8 -> 9x9, replicate pad -> 5x5
         dict(compression={"method": "laco", "layer": "1/4", "ratio": 2}, vision={"image_size": 72}),
         dict(compression={"method": "avg_pool", "layer": 2, "ratio": 2}),
+        # 80 px input on a 64 px encoder: position embeddings interpolated, 10x10 -> 5x5
+        dict(compression={"method": "laco", "layer": "1/4", "ratio": 2}, image_size=80),
     ],
 )
 def test_num_image_tokens_matches_compressed_features(overrides):
@@ -86,7 +88,7 @@ def test_num_image_tokens_matches_compressed_features(overrides):
     n = _encoder_tokens(model, pv)
     assert model.num_image_tokens == n == model.config.num_image_tokens
     assert model.get_image_features(pv).shape == (1, n, model.config.text_config.hidden_size)
-    if overrides.get("vision", {}).get("image_size") == 72:
+    if overrides.get("vision", {}).get("image_size") == 72 or overrides.get("image_size") == 80:
         assert n == 25
 
 

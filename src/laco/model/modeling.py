@@ -143,7 +143,12 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
         param = next(self.vision_tower.vision_model.parameters())
-        out = self.vision_tower(pixel_values.to(dtype=param.dtype, device=param.device))
+        # another resolution than the encoder was built for: interpolate its position embeddings
+        native = self.config.vision_config.image_size
+        native = (native, native) if isinstance(native, int) else tuple(native)
+        interpolate = tuple(pixel_values.shape[-2:]) != native
+        out = self.vision_tower(pixel_values.to(dtype=param.dtype, device=param.device),
+                                interpolate_pos_encoding=interpolate)
         feats = out.last_hidden_state  # (n_img, P + h*w, C)
         if self.config.vision_feature_select_strategy == "default":
             feats = feats[:, out.num_prefix_tokens :]  # (n_img, h*w, C)
