@@ -29,7 +29,7 @@ def _inputs(model, n_images=1, size=64, batch=1, seed=0):
 
 def _encoder_tokens(model, pv):
     """Compressed feature length from the tower itself (minus prefix for strategy default)."""
-    out = model.vision_tower(pv)
+    out = model.vision_tower(pv, interpolate_pos_encoding=pv.shape[-1] != model.config.vision_config.image_size)
     keep = model.config.vision_feature_select_strategy == "full"
     return out.last_hidden_state.shape[1] - (0 if keep else out.num_prefix_tokens)
 
