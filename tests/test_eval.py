@@ -295,3 +295,39 @@ def test_bad_input_fails_before_any_generation(tmp_path, tiny):
         load_records(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         evaluate(oracle, processor, path, out_dir=tmp_path / "o", batch_size=0)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_eval_on_saved_model(tmp_path, tiny, monkeypatch, capsys):
+    import sys
+
+    from laco.cli import main
+
+    model, processor = tiny
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_data(tmp_path)
+    out = tmp_path / "cli_out"
+    monkeypatch.setattr(sys, "argv", ["laco", "eval", str(model_dir), "--data", str(data), "--out", str(out),
+                                      "--batch-size", "5", "--max-new-tokens", "3", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_samples"] == 5 and set(summary["per_turn"]) == {"1", "2"}
+    # the saved model answers exactly as the in-memory one did (same weights, same prompts)
+    expected = evaluate(model, processor, data, out_dir=tmp_path / "direct", max_new_tokens=3, progress=False)
+    assert summary["accuracy"] == expected["accuracy"]
+    direct = (tmp_path / "direct" / "predictions.jsonl").read_text().splitlines()
+    saved = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["prediction"] for x in saved] == [json.loads(x)["prediction"] for x in direct]
+
+    # user errors: one line, exit code 2
+    monkeypatch.setattr(sys, "argv", ["laco", "eval", str(model_dir), "--data", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "eval data file not found" in capsys.readouterr().err
