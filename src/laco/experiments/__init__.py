@@ -1,0 +1,1 @@
+"""Experiments on the embedded data: the pretrained encoder (``pretrain``) and ``laco compare`` (``compare``)."""
