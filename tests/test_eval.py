@@ -331,3 +331,25 @@ def test_cli_eval_on_saved_model(tmp_path, tiny, monkeypatch, capsys):
         main()
     assert exit_info.value.code == 2
     assert "eval data file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- multi-turn probe
+
+
+def test_multiturn_probe_on_embedded_data_reports_turns(tmp_path, tiny):
+    """The embedded data's two-turn probe records load, render with history and are reported per turn."""
+    embedded = pytest.importorskip("laco.data.embedded", reason="embedded data module not available")
+    model, processor = tiny
+    ds = embedded.build_embedded_dataset(
+        embedded.EmbeddedDataConfig(num_train=2, num_val=2, num_test=12, source="generated"),
+        out_dir=tmp_path / "data", progress=False)
+    records = load_records(ds.eval_file("test"))
+    second = [r for r in records if r.turn == 2]
+    assert second, "the probe should contribute turn-2 records"
+    for rec in second:
+        msgs = build_messages(rec)
+        assert [m["role"] for m in msgs] == ["user", "assistant", "user"] and msgs[0]["content"].startswith("<image>\n")
+    summary = evaluate(model, processor, ds.eval_file("test"), out_dir=tmp_path / "out", batch_size=8,
+                       max_new_tokens=2, progress=False)
+    assert summary["per_turn"]["2"]["n"] == len(second) == summary["per_task"]["multiturn"]["n"] // 2
+    assert summary["num_samples"] == len(records)
