@@ -138,6 +138,16 @@ def set_train_mode(model: nn.Module, frozen_eval: bool = True) -> None:
     visit(model)
 
 
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off (non-reentrant: works with frozen inputs)."""
+    if on and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()  # a previous stage may have enabled it
+
+
 def apply_lora(model: nn.Module, lora) -> nn.Module:
     """Wrap ``model.language_model`` with peft LoRA adapters (``lora``: a ``laco.train.config.LoraConfig``)."""
     from peft import LoraConfig as PeftLoraConfig
@@ -365,15 +375,15 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     if stage.lora is not None:
         apply_lora(model, stage.lora)
     trainable = freeze_for_stage(model, stage.trainable)
-    if stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    _set_checkpointing(model, stage.gradient_checkpointing)
 
     collator = LlavaCollator(processor, dc.max_length, on_overflow=dc.on_overflow)
     sampler = EpochSampler(len(ds), stage_seed)
+    # the loader's own generator: starting an epoch's iterator draws a seed from it, not from the global
+    # RNG that dropout uses (a resumed run starts one more iterator than the uninterrupted run)
     loader = torch.utils.data.DataLoader(ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=collator,
-                                         num_workers=dc.num_workers, drop_last=False)
+                                         num_workers=dc.num_workers, drop_last=False,
+                                         generator=torch.Generator().manual_seed(stage_seed))
     optimizer = build_optimizer(model, stage)
     wrapped, optimizer, loader = acc.prepare(model, optimizer, loader)
     if len(loader) == 0:
@@ -410,8 +420,10 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
 
     batches_in_epoch = skip
     while step < total:
-        sampler.set_epoch(epoch)  # the same object inside the prepared loader: this epoch's permutation
         batches = acc.skip_first_batches(loader, skip) if skip else loader
+        # the prepared loader passes its epoch to our sampler at every pass (and would otherwise count
+        # passes itself, which a resumed run cannot reproduce): set it explicitly
+        batches.set_epoch(epoch)
         batches_in_epoch, skip = skip, 0
         for window in _windows(batches, stage.grad_accum):
             loss, grad_norm, n_tok, n_samp = _optimizer_step(acc, wrapped, optimizer, window, stage, trainable_ids)
