@@ -28,8 +28,9 @@ def eval_(
     from rich.table import Table
 
     import laco  # noqa: F401  (registers model_type "laco" with the Auto classes)
-    from laco.eval import evaluate
+    from laco.eval import evaluate, load_records
 
+    load_records(data, images)  # bad data fails here, before the model is loaded
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"not a saved model folder (no config.json): {model_dir}")
     if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -46,8 +47,9 @@ def eval_(
                        max_new_tokens=max_new_tokens, limit=limit)
 
     console = Console()
-    table = Table(title=f"{model_dir.name} on {data.name}: {100 * summary['accuracy']:.2f}% "
-                        f"({summary['num_samples']} questions)")
+    console.print(f"[bold]{model_dir.name}[/bold] on {data.name}: accuracy {100 * summary['accuracy']:.2f}% "
+                  f"over {summary['num_samples']} questions")
+    table = Table()
     for col in ("group", "n", "accuracy (%)"):
         table.add_column(col, justify="left" if col == "group" else "right")
     for key, label in (("per_task", "task"), ("per_turn", "turn")):

@@ -317,8 +317,9 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [max(len(g), 1) for _, g in groups]})
     for ax, (title, group) in zip(axes, groups):
         names = list(group)
-        ax.bar(names, [100 * group[n]["accuracy"] for n in names], color="tab:blue")
-        ax.set_ylim(0, 100)
+        bars = ax.bar(names, [100 * group[n]["accuracy"] for n in names], color="tab:blue")
+        ax.bar_label(bars, labels=[f"{100 * group[n]['accuracy']:.0f}%\nn={group[n]['n']}" for n in names], fontsize=8)
+        ax.set_ylim(0, 115)  # room for the labels above a 100 % bar
         ax.set_title(f"accuracy per {title}")
         ax.set_ylabel("accuracy (%)")
         ax.tick_params(axis="x", labelrotation=30)
