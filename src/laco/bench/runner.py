@@ -32,7 +32,7 @@ from torch import nn
 
 from laco.bench.flops import STAGES, Workload, predict
 from laco.bench.presets import MethodSpec, llm_config, parse_methods
-from laco.bench.timers import Case, environment, run_cases
+from laco.bench.timers import Case, Splits, Timer, environment, run_cases
 
 PARTS = ("encoder", "compressor", "projector", "prefill", "encode_prefill", "decode", "generate",
          "train_stage1", "train_stage2")
@@ -201,6 +201,7 @@ def method_cases(name: str, model: nn.Module, models: dict[str, nn.Module], inpu
     """The timed cases of one method (only the requested parts; ``compressor`` only if it has merges)."""
     px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
     lm = model.language_model
+    timer = Timer(px.device)
     cases: list[Case] = []
 
     def infer(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -258,13 +259,18 @@ def method_cases(name: str, model: nn.Module, models: dict[str, nn.Module], inpu
         if optimizer is None:
             raise ValueError("training parts need an optimizer")
 
+        def forward_backward():
+            model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=ids).loss.backward()
+
+        def optimizer_step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
         def step(stage=stage):
             _set_trainable(models, model, stage)
             model.train()
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=px, labels=ids)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # timed in two phases (the optimizer is memory-bound work the FLOP model does not count)
+            return Splits(forward_backward=timer.time(forward_backward)[0], optimizer=timer.time(optimizer_step)[0])
 
         cases.append(Case(name, part, step))
     return cases
@@ -327,6 +333,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, command: str | Non
             "encoder_layers": model.vision_tower.num_layers,
             "params": {g: sum(p.numel() for p in ps) for g, ps in model.parameter_groups().items()},
         }
+    cases.sort(key=lambda c: PARTS.index(c.part))  # canonical part order (stable: methods keep their order)
     results = run_cases(cases, warmup=cfg.warmup, repeats=cfg.repeats, device=device, progress=progress)
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     profiles = profile_encoder(models, cfg) if profile else {}

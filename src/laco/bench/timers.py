@@ -44,18 +44,23 @@ class Timer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
 
-    def time(self, fn: Callable[[], Any]) -> float:
+    def time(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        """(seconds, fn's return value)."""
         if not self.cuda:
             t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
+            out = fn()
+            return time.perf_counter() - t0, out
         torch.cuda.synchronize(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        out = fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0  # ms -> s
+        return start.elapsed_time(end) / 1000.0, out  # ms -> s
+
+
+class Splits(dict):
+    """Named sub-phase times (seconds) that a case's ``fn`` may return, e.g. forward+backward vs optimizer."""
 
 
 _KB = 1024
@@ -133,9 +138,12 @@ class CaseResult:
     part: str
     times: list[float] = field(default_factory=list)
     memory: list[dict[str, int]] = field(default_factory=list)
+    splits: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "part": self.part, "time": summarize(self.times)}
+        if self.splits:
+            out["splits"] = {k: summarize(v) for k, v in self.splits.items()}
         if self.memory:
             out["memory"] = {"peak": max(m["peak"] for m in self.memory), "delta": max(m["delta"] for m in self.memory)}
         return out
@@ -175,13 +183,16 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 3, device: t
                 gc.collect()
                 if memory:
                     mem.start()
-                t = timer.time(case.fn)
+                t, out = timer.time(case.fn)
                 used = mem.stop() if memory else None
                 if case.reset is not None:
                     case.reset()
                 if r >= warmup:
                     res = results[(case.method, case.part)]
                     res.times.append(t)
+                    if isinstance(out, Splits):
+                        for k, v in out.items():
+                            res.splits.setdefault(k, []).append(v)
                     if used is not None:
                         res.memory.append(used)
                 bar.update(1)
