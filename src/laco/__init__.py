@@ -24,6 +24,7 @@ from laco.encoders import (
 )
 from laco.flops import encoder_cost
 from laco.model import LaCoConfig, LaCoForConditionalGeneration, LaCoProcessor  # registers the Auto classes
+import laco.eval  # noqa: E402  (laco.eval.evaluate after a plain `import laco`; lmms-eval not imported)
 
 __version__ = "0.1.0"
 
