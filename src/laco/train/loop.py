@@ -257,7 +257,11 @@ def make_accelerator(config: RunConfig):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     out = Path(config.output_dir)
+    # without a GPU, say so: then torchrun-launched processes form a gloo group (accelerate's MULTI_CPU)
+    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    cpu = os.environ.get("ACCELERATE_USE_CPU", str(no_gpu)).lower() in ("1", "true", "yes")
     return Accelerator(
+        cpu=cpu,
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         log_with="tensorboard" if config.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
