@@ -18,7 +18,7 @@ TINY_PRE = P.PretrainConfig(hidden_size=32, intermediate_size=64, num_hidden_lay
 @pytest.fixture(autouse=True)
 def _threads():
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
     yield
     torch.set_num_threads(old)
 
@@ -68,3 +68,110 @@ def test_readout_pools_quadrants():
     y[:, :4, :4] += torch.randn(2, 4, 4, 8)  # not a constant: the LayerNorm would remove it
     cls2, _ = head(y.view(2, 64, 8), (8, 8))
     assert not torch.allclose(cls2[:, 0], cls[:, 0]) and torch.allclose(cls2[:, 1:], cls[:, 1:])
+
+
+# -- laco compare -------------------------------------------------------------------------------------
+from laco.experiments import compare as C  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    preset = C.load_preset("smoke", cache_dir=str(root / "cache"))
+    return C.run_compare(preset, root / "out", command="laco compare --preset smoke", log=lambda *a: None), root / "out"
+
+
+def test_smoke_preset_end_to_end(smoke_results):
+    results, out = smoke_results
+    for name in ("results.json", "results.md", "acc_vs_flops.png", "acc_vs_depth.png", "command.txt"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["preset"] == "smoke" and saved["data_source"] in ("fashion_mnist", "generated")
+    rows = {(r["scenario"], r["method"]): r for r in saved["table"]}
+    # every method produced a number in every scenario, with its costs
+    assert set(rows) == {(s, m) for s in C.SCENARIOS for m in C.METHODS}
+    for (scenario, method), r in rows.items():
+        assert 0.0 <= r["acc_mean"] <= 100.0, (scenario, method)
+        assert r["visual_tokens"] == (64 if method == "none" else 16)
+        assert r["encoder_gflops"] > 0 and r["infer_samples_per_s"] > 0
+        if scenario == "retrofit":
+            assert r["before_mean"] is not None
+    # in-encoder merges save encoder FLOPs, external ones cost a little more than none
+    assert rows[("train", "laco@1/4")]["encoder_flop_ratio"] < 1.0 <= rows[("train", "ext_laco")]["encoder_flop_ratio"]
+    # retrofit trains only the compressor: parameter-free compressors have nothing to train
+    assert rows[("retrofit", "avg_pool@1/4")]["trainable_params"] == 0
+    assert rows[("retrofit", "laco@1/4")]["trainable_params"] < rows[("train", "laco@1/4")]["trainable_params"]
+    md = (out / "results.md").read_text()
+    assert "## Scenario: train" in md and "## Scenario: retrofit" in md and "laco@1/4" in md
+
+
+def test_zero_init_laco_starts_as_avg_pool(smoke_results):
+    # before any training, an inserted LaCo PML computes exactly avg pooling: same retrofit start accuracy
+    rows = {(r["scenario"], r["method"]): r for r in smoke_results[0]["table"]}
+    assert rows[("retrofit", "laco@1/4")]["before_mean"] == rows[("retrofit", "avg_pool@1/4")]["before_mean"]
+
+
+def test_cached_features_give_the_models_loss(tmp_path):
+    """Training from cached encoder states == the model's own forward from pixels (same loss, same logits)."""
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path), methods=["none", "laco@1/4"])
+    ctx = C.prepare(preset, log=lambda *a: None)
+    scenes = ctx.ds.scenes["train"]
+    for name in ("laco@1/4", "ext_laco", "none", "tome@1/4", "laco@1/12"):
+        model = C.build_model(C.METHODS[name], preset, ctx.encoder, ctx.llm, ctx.tok, seed=0).eval()
+        # make the compressor non-trivial (LaCo starts as avg pooling)
+        with torch.no_grad():
+            for p in model.vision_tower.compressors.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        start = C.start_layer(model)
+        n_tok = model.num_image_tokens
+        key = ("train", n_tok)
+        data = ctx.splits[key] if key in ctx.splits else C.tokenize_split(ctx.tok, C.conversations(ctx.ds, "train"), n_tok)
+        idx = torch.arange(6)
+        ids, mask, labels = data.batch(idx)
+        hidden = C.cache_hidden_states(ctx.encoder, scenes.images[data.image_index[idx].numpy()], [start])[start]
+        with torch.no_grad():
+            logits, loss = C.lm_logits_and_loss(model, C.image_features_from_hidden(model, hidden, start), ids, mask, labels)
+            pix = P.to_pixel_values(scenes.images[data.image_index[idx].numpy()])
+            ref = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels)
+        torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_labels_cover_only_the_answer(tmp_path):
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path))
+    from laco.data.embedded import build_embedded_dataset
+
+    ds = build_embedded_dataset(preset.data, tmp_path / "data", progress=False)
+    tok = C.build_tokenizer(ds, preset.llm.vocab_size)
+    convs = C.conversations(ds, "test")
+    data = C.tokenize_split(tok, convs, 16)
+    for i in range(len(convs)):
+        scored = data.labels[i][data.labels[i] != -100]
+        answer = convs[i][0][-1]["content"]
+        assert tok.decode(scored) == answer + "<|im_end|>"
+        assert int((data.input_ids[i] == tok.convert_tokens_to_ids("<image>")).sum()) == 16
+
+
+def test_presets_and_overrides(tmp_path):
+    assert C.load_preset("full").seeds == [0, 1, 2]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stage1_steps: 7\nllm:\n  hidden_size: 64\nmethods: [none, laco@1/4]\n")
+    p = C.load_preset("quick", cfg, seeds=[3])
+    assert (p.stage1_steps, p.llm.hidden_size, p.methods, p.seeds) == (7, 64, ["none", "laco@1/4"], [3])
+    with pytest.raises(ValueError, match="unknown config key 'llm.width'"):
+        C._merge(p, {"llm": {"width": 3}})
+    with pytest.raises(ValueError, match="unknown method"):
+        C.load_preset("quick", methods=["laco@1/3"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        C.load_preset("huge")
+    with pytest.raises(FileNotFoundError):
+        C.load_preset("quick", tmp_path / "missing.yaml")
+
+
+def test_cli_reports_bad_methods_in_one_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from laco.cli import main; main()", "compare", "--methods", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr

@@ -26,7 +26,7 @@ def _root() -> None:
 
 
 # one module per command group; each registers its commands on `app` when imported
-_COMMAND_MODULES = ["info", "probe", "convert", "generate", "bench", "eval", "train"]
+_COMMAND_MODULES = ["info", "probe", "bench", "generate", "convert", "eval", "compare", "train"]
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"laco.cli.{_name}")
 

@@ -1,0 +1,727 @@
+"""``laco compare``: LaCo against external and in-encoder baselines on the embedded scenes, two scenarios.
+
+Every method gives the LLM the same visual-token budget (r = 2: 8x8 -> 4x4 = 16 tokens), except
+``none`` (64 tokens, the uncompressed reference)::
+
+    none                  no compression
+    ext_pixel_shuffle     pixel shuffle + MLP after the encoder       (layer "post")
+    ext_laco              LaCo PML after the encoder (LaCo@1)         (layer "post")
+    laco@1/4 ...          inside the encoder after k = L/4 layers: laco, pixel_shuffle (no shortcut),
+                          avg_pool, ldpv2, tokenpacker, tome; and laco at 1/12 and 1/2
+
+The MLLM is ``laco.LaCoForConditionalGeneration``: the embedded pretrained SigLIP-structured
+encoder (``laco.experiments.pretrain``), an ``mlp2x_gelu`` projector and a small Qwen2 LLM built
+in code, with a small byte-level BPE (``train_small_tokenizer``): the answers use a few dozen
+words, and the real Qwen2 vocabulary (151k) would make the output softmax cost ~100x the rest of a
+width-128 LLM. The LLM is first trained on the questions and answers as text (no image), so that
+stage 1 has a language model to align to, as LLaVA's does.
+
+Scenarios (the encoder is frozen throughout, as in LLaVA / LaCo stage 1):
+
+* **train**: pretrained encoder + new compressor and projector. Stage 1 trains compressor +
+  projector (LLM frozen); stage 2 also trains the LLM.
+* **retrofit**: start from the trained uncompressed MLLM (the train scenario's ``none`` model of the
+  same seed), insert the compressor, train only the compressor, everything else frozen; accuracy is
+  measured before and after.
+
+Speed: because the encoder is frozen, the output of its first k layers never changes; it is
+computed once per image (``cache_hidden_states``) and training runs layers k+1..L, the projector
+and the LLM from there (``image_features_from_hidden``). ``tests/test_compare.py`` checks that this
+gives the same loss as the model's own forward from pixels. Throughput is measured separately on
+the real, uncached model.
+
+Accuracy is greedy exact match, computed in one teacher-forced pass: greedy decoding produces the
+reference answer (then ``<|im_end|>``) if and only if the argmax at every answer position is the
+reference token, so no ``generate`` loop is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from laco.data.embedded import EmbeddedDataConfig, EmbeddedDataset, build_embedded_dataset
+from laco.experiments.pretrain import PretrainConfig, load_pretrained_encoder, to_pixel_values
+
+SCENARIOS = ("train", "retrofit")
+
+
+# -- methods ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the comparison: a registered compressor at a depth ("post" = after the encoder)."""
+
+    compressor: str  # "none" or a name in laco.list_compressors()
+    layer: str | int = "1/4"
+    kwargs: tuple = ()  # extra compressor kwargs as (key, value) pairs (hashable)
+
+    def compression(self, ratio: int) -> dict[str, Any]:
+        return {"method": self.compressor, "layer": self.layer, "ratio": ratio, "kwargs": dict(self.kwargs)}
+
+
+METHODS: dict[str, MethodSpec] = {
+    "none": MethodSpec("none", "post"),
+    "ext_pixel_shuffle": MethodSpec("pixel_shuffle", "post"),
+    "ext_laco": MethodSpec("laco", "post"),
+    "laco@1/4": MethodSpec("laco", "1/4"),
+    "pixel_shuffle@1/4": MethodSpec("pixel_shuffle", "1/4"),
+    "avg_pool@1/4": MethodSpec("avg_pool", "1/4"),
+    "ldpv2@1/4": MethodSpec("ldpv2", "1/4"),
+    "tokenpacker@1/4": MethodSpec("tokenpacker", "1/4"),
+    "tome@1/4": MethodSpec("tome", "1/4"),
+    "laco@1/12": MethodSpec("laco", "1/12"),
+    "laco@1/2": MethodSpec("laco", "1/2"),
+}
+
+
+def parse_methods(spec: str | list[str] | None) -> list[str]:
+    """'laco@1/4,pixel_shuffle@1/4' or a list -> validated method names (default: all)."""
+    if spec is None:
+        return list(METHODS)
+    names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else [str(m).strip() for m in spec]
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown or spec!r}; choose from: {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+# -- presets ----------------------------------------------------------------------------------------
+@dataclass
+class LLMConfig:
+    """The small Qwen2-structured LLM (built in code) and its tokenizer size."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512  # the small BPE trained on the embedded text
+
+
+@dataclass
+class ComparePreset:
+    """Everything ``laco compare`` does; presets fill it, a YAML/JSON file overrides any field."""
+
+    name: str = "quick"
+    data: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ratio: int = 2
+    projector_type: str = "mlp2x_gelu"
+    # budgets (steps of ``batch_size`` samples)
+    batch_size: int = 32
+    llm_pretrain_steps: int = 150
+    stage1_steps: int = 100
+    stage2_steps: int = 150
+    retrofit_steps: int = 60
+    lr_llm_pretrain: float = 2e-3
+    lr_stage1: float = 1e-3
+    lr_stage2: float = 5e-4
+    lr_retrofit: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+    # evaluation and timing
+    eval_limit: int | None = None  # test questions (None: all)
+    eval_batch_size: int = 128
+    timing_batches: int = 3  # uncached batches timed per method (median reported)
+    timing_batch_size: int = 32
+    cache_dtype: str = "float32"  # hidden-state cache; "float16" halves its memory
+    threads: int = 2  # torch threads; on a busy shared machine 1 is often faster
+    cache_dir: str | None = None  # default $LACO_CACHE or ~/.cache/laco
+
+    def __post_init__(self) -> None:
+        for name, cls in (("data", EmbeddedDataConfig), ("pretrain", PretrainConfig), ("llm", LLMConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        self.methods = parse_methods(self.methods)
+        bad = [s for s in self.scenarios if s not in SCENARIOS]
+        if bad or not self.scenarios:
+            raise ValueError(f"unknown scenario(s) {bad or self.scenarios!r}; choose from {SCENARIOS}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
+        if self.pretrain.data.canvas != self.data.canvas:
+            raise ValueError(f"pretrain.data.canvas {self.pretrain.data.canvas} != data.canvas {self.data.canvas}")
+        for k in ("batch_size", "eval_batch_size", "timing_batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def _smoke() -> ComparePreset:
+    data = EmbeddedDataConfig(num_train=96, num_val=16, num_test=32)
+    pre = PretrainConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, steps=4,
+                         batch_size=16, pool_size=64, eval_size=32, warmup_steps=2, data=data)
+    return ComparePreset(
+        name="smoke", data=data, pretrain=pre,
+        llm=LLMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=320),
+        batch_size=8, llm_pretrain_steps=2, stage1_steps=2, stage2_steps=2, retrofit_steps=2, eval_batch_size=32,
+        timing_batches=1, timing_batch_size=4, threads=1,  # tiny ops: a second thread only adds sync overhead
+    )
+
+
+def _quick() -> ComparePreset:
+    return ComparePreset(name="quick")
+
+
+def _full() -> ComparePreset:
+    data = EmbeddedDataConfig(num_train=12000, num_val=1000, num_test=2000)
+    return ComparePreset(
+        name="full", data=data, pretrain=PretrainConfig(steps=800, batch_size=96, data=data), seeds=[0, 1, 2],
+        stage1_steps=300, stage2_steps=400, retrofit_steps=150, llm_pretrain_steps=300, timing_batches=5,
+    )
+
+
+PRESETS = {"smoke": _smoke, "quick": _quick, "full": _full}
+
+
+def _merge(obj: Any, overrides: dict[str, Any], where: str = "") -> Any:
+    """A copy of dataclass ``obj`` with ``overrides`` applied recursively; unknown keys are a ValueError."""
+    names = {f.name for f in fields(obj)}
+    kw = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {where + key!r}; known: {', '.join(sorted(names))}")
+        cur = getattr(obj, key)
+        kw[key] = _merge(cur, value, f"{where}{key}.") if is_dataclass(cur) and isinstance(value, dict) else value
+    out = copy.deepcopy(obj)
+    for key, value in kw.items():
+        setattr(out, key, value)
+    if where == "" and "data" in overrides and "pretrain" not in overrides:
+        out.pretrain.data = copy.deepcopy(out.data)  # the encoder sees scenes of the same geometry
+    if hasattr(out, "__post_init__"):
+        out.__post_init__()  # re-validate
+    return out
+
+
+def load_preset(name: str = "quick", config_file: str | os.PathLike | None = None, **overrides: Any) -> ComparePreset:
+    """A preset, then a YAML/JSON config file, then keyword overrides (``methods="laco@1/4"``, ...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]()
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of preset fields, got {type(data).__name__}")
+        data.pop("preset", None)  # the CLI reads it; the rest overrides fields
+        preset = _merge(preset, data)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return _merge(preset, overrides) if overrides else preset
+
+
+# -- text: tokenizer and tokenised splits -----------------------------------------------------------
+@dataclass
+class TokenizedSplit:
+    """Right-padded token ids of one split at one image-token count.
+
+    input_ids / attention_mask / labels: (N, L); labels are -100 except on scored answer tokens
+    (answer text + ``<|im_end|>``). image_index: (N,) row of the split's scene arrays.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image_index: torch.Tensor
+    task: list[str]
+    turn: list[int]
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``idx``, trimmed to the longest row (no all-pad columns)."""
+        mask = self.attention_mask[idx]
+        n = int(mask.sum(1).max())
+        return self.input_ids[idx, :n], mask[:, :n], self.labels[idx, :n]
+
+
+def _image_row(path: str) -> int:
+    return int(Path(path).stem)  # "images/test/000123.png" -> 123
+
+
+def conversations(ds: EmbeddedDataset, split: str) -> list[tuple[list[dict[str, str]], int, int, str, int]]:
+    """(messages, image row, number of scored assistant turns at the end, task, turn) per sample.
+
+    Train: the LLaVA records, every answer scored. Val/test: the eval JSONL rendered exactly as
+    ``laco.eval`` renders it (history teacher-forced), only the final answer scored.
+    """
+    from laco.eval.evaluator import build_messages, load_records
+
+    out = []
+    if split == "train":
+        for rec in ds.llava(split):
+            msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                    for t in rec["conversations"]]
+            out.append((msgs, _image_row(rec["image"]), sum(m["role"] == "assistant" for m in msgs), rec["task"], 1))
+        return out
+    for rec in load_records(ds.eval_file(split)):
+        msgs = build_messages(rec) + [{"role": "assistant", "content": str(rec.answer)}]
+        out.append((msgs, _image_row(str(rec.images[0])), 1, rec.task, rec.turn))
+    return out
+
+
+def build_tokenizer(ds: EmbeddedDataset, vocab_size: int):
+    """A small byte-level BPE trained on the training conversations (the model engineer's trainer)."""
+    from laco.model.tokenizer import train_small_tokenizer
+
+    texts = [m["content"].replace("<image>\n", "") for msgs, *_ in conversations(ds, "train") for m in msgs]
+    return train_small_tokenizer(texts, vocab_size)
+
+
+def tokenize_split(tok, convs: list, num_image_tokens: int, *, with_image: bool = True) -> TokenizedSplit:
+    """Chat-template the conversations, expand ``<image>`` to ``num_image_tokens`` tokens, label the scored answers."""
+    texts, spans = [], []
+    for msgs, _, n_scored, _, _ in convs:
+        if not with_image:
+            msgs = [{**m, "content": m["content"].replace("<image>\n", "")} for m in msgs]
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        text = text.replace("<image>", "<image>" * num_image_tokens)
+        # char spans of the scored answers: content + "<|im_end|>" of the last n_scored assistant turns
+        cur, found = 0, []
+        for m in msgs:
+            if m["role"] != "assistant":
+                continue
+            head = "<|im_start|>assistant\n"
+            start = text.index(head + m["content"] + "<|im_end|>", cur) + len(head)
+            end = start + len(m["content"]) + len("<|im_end|>")
+            found.append((start, end))
+            cur = end
+        texts.append(text)
+        spans.append(found[len(found) - n_scored:])
+    enc = tok(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]  # (N, L), (N, L, 2)
+    labels = torch.full_like(ids, -100)
+    for i, sp in enumerate(spans):
+        for s, e in sp:
+            sel = (offsets[i, :, 0] >= s) & (offsets[i, :, 1] <= e) & (offsets[i, :, 1] > offsets[i, :, 0])
+            labels[i, sel] = ids[i, sel]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if with_image:
+        counts = (ids == image_id).sum(1)
+        if not bool((counts == num_image_tokens).all()):
+            raise ValueError(f"expected {num_image_tokens} image tokens per sample, got {sorted(set(counts.tolist()))}")
+    return TokenizedSplit(ids, enc["attention_mask"], labels, torch.tensor([c[1] for c in convs]),
+                          [c[3] for c in convs], [c[4] for c in convs])
+
+
+# -- model building ---------------------------------------------------------------------------------
+def llm_config(cfg: LLMConfig, tok):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads, vocab_size=len(tok),
+        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+    )
+
+
+def build_model(spec: MethodSpec, preset: ComparePreset, encoder, llm, tok, seed: int):
+    """A ``LaCoForConditionalGeneration`` with the pretrained encoder and LLM weights and a fresh
+    projector + compressor drawn from ``seed`` (the same projector init for every method of a seed)."""
+    from laco.model import LaCoConfig, LaCoForConditionalGeneration
+
+    config = LaCoConfig(
+        vision_config=encoder.config.to_dict(), text_config=llm.config.to_dict(),
+        compression=spec.compression(preset.ratio), projector_type=preset.projector_type,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LaCoForConditionalGeneration(config)
+    model.vision_tower.vision_model.load_state_dict(encoder.state_dict())
+    model.language_model.load_state_dict(llm.state_dict())
+    return model
+
+
+def start_layer(model) -> int:
+    """Layers of the frozen encoder that run before anything trainable: the first merge (or all layers)."""
+    tower = model.vision_tower
+    return min(tower.merge_layers, default=tower.num_layers)
+
+
+def image_features_from_hidden(model, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """(B, P + H*W, C) encoder state after ``start`` layers -> projected image features (B, T, D).
+
+    The rest of ``CompressedVisionEncoder.forward`` (merges, layers start..L, final norm, post merge),
+    then feature select and the projector, exactly as ``model.get_image_features`` does from pixels.
+    """
+    tower = model.vision_tower
+    a = tower.adapter
+    grid, x = a.grid_for_image_size(model.config.image_size), hidden
+    for i in range(start, tower.num_layers):
+        if str(i) in tower.compressors:
+            x, grid = tower._merge(i, x, grid)
+        x = a.call_layer(a.layers[i], x)
+    if tower.feature_layer == -1:
+        x = a.final_norm(x)
+    if str(tower.num_layers) in tower.compressors:
+        x, grid = tower._merge(tower.num_layers, x, grid)
+    if model.config.vision_feature_select_strategy == "default":
+        x = x[:, tower.num_prefix_tokens:]
+    return model.projector(x)
+
+
+def lm_logits_and_loss(model, feats: torch.Tensor | None, ids, mask, labels):
+    """Run the LLM on ``ids`` with ``feats`` written into the image-token positions (the model's own merge)."""
+    emb = model.get_input_embeddings()(ids)
+    if feats is not None:
+        emb = model.merge_image_features(ids, emb, feats)
+    out = model.language_model(inputs_embeds=emb, attention_mask=mask, labels=labels)
+    return out.logits, out.loss
+
+
+@torch.no_grad()
+def cache_hidden_states(encoder, images: np.ndarray, layers: list[int], batch_size: int = 256,
+                        dtype: torch.dtype = torch.float32, desc: str = "caching") -> dict[int, torch.Tensor]:
+    """Uncompressed encoder states after each of ``layers`` (0 = embeddings) for all ``images``: {k: (N, P+HW, C)}."""
+    from tqdm.auto import tqdm
+
+    from laco.encoders import compress_encoder
+
+    tower = compress_encoder(encoder, "none").eval()
+    out = {k: [] for k in layers}
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        states = tower(to_pixel_values(images[i:i + batch_size]), output_hidden_states=True).hidden_states
+        for k in layers:
+            out[k].append(states[k].to(dtype))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# -- training and evaluation ------------------------------------------------------------------------
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def set_trainable(model, groups: list[str]) -> list[nn.Parameter]:
+    """Freeze everything but the named parameter groups ("compressor", "projector", "llm", "encoder")."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for g, ps in model.parameter_groups().items() if g in groups for p in ps]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, start: int, data: TokenizedSplit,
+                steps: int, lr: float, preset: ComparePreset, seed: int, desc: str) -> float:
+    """AdamW + warmup/cosine on cached states (``hidden`` None: text only). Returns samples/s of these steps."""
+    from tqdm.auto import tqdm
+
+    if steps <= 0 or not params:
+        return float("nan")
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=preset.weight_decay)
+    warmup = max(1, int(preset.warmup_fraction * steps))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * _cosine(step, steps, warmup)
+        idx = torch.randint(0, len(data), (preset.batch_size,), generator=gen)
+        ids, mask, labels = data.batch(idx)
+        feats = None
+        if hidden is not None:
+            feats = image_features_from_hidden(model, hidden[data.image_index[idx]].float(), start)
+        _, loss = lm_logits_and_loss(model, feats, ids, mask, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return steps * preset.batch_size / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate_cached(model, hidden: torch.Tensor, start: int, data: TokenizedSplit, batch_size: int,
+                    limit: int | None = None) -> dict[str, Any]:
+    """Greedy exact-match accuracy (%) overall, per task and per turn, in one teacher-forced pass per batch."""
+    model.eval()
+    n = len(data) if limit is None else min(limit, len(data))
+    correct = torch.zeros(n, dtype=torch.bool)
+    for i in range(0, n, batch_size):
+        idx = torch.arange(i, min(n, i + batch_size))
+        ids, mask, labels = data.batch(idx)
+        feats = image_features_from_hidden(model, hidden[data.image_index[idx]].float(), start)
+        logits, _ = lm_logits_and_loss(model, feats, ids, mask, None)
+        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # position t predicts token t+1
+        scored = target != -100
+        correct[idx] = ((pred == target) | ~scored).all(1)
+    return summarize(correct, data.task[:n], data.turn[:n])
+
+
+def summarize(correct: torch.Tensor, tasks: list[str], turns: list[int]) -> dict[str, Any]:
+    c = correct.float().numpy()
+
+    def acc(sel):
+        sel = np.asarray(sel)
+        return round(100.0 * float(c[sel].mean()), 2) if sel.any() else None
+
+    return {
+        "accuracy": acc(np.ones(len(c), bool)), "n": len(c),
+        "per_task": {t: acc([x == t for x in tasks]) for t in sorted(set(tasks))},
+        "per_turn": {str(t): acc([x == t for x in turns]) for t in sorted(set(turns))},
+    }
+
+
+def measure_throughput(model, images: np.ndarray, data: TokenizedSplit, params: list[nn.Parameter],
+                       batches: int, batch_size: int) -> dict[str, float]:
+    """Median samples/s of the real (uncached) model from pixels: inference prefill, and one training step
+    (forward + backward through everything after the frozen part, optimizer excluded)."""
+    rows = torch.arange(min(len(data), batches * batch_size))
+    infer, train = [], []
+    for b in range(batches):
+        idx = rows[b * batch_size:(b + 1) * batch_size]
+        if not len(idx):
+            break
+        ids, mask, labels = data.batch(idx)
+        pix = to_pixel_values(images[data.image_index[idx].numpy()])
+        model.eval()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, pixel_values=pix, logits_to_keep=1)
+            infer.append(len(idx) / (time.perf_counter() - t0))
+        if params:
+            model.train()
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss.backward()
+            train.append(len(idx) / (time.perf_counter() - t0))
+            model.zero_grad(set_to_none=True)
+    model.eval()
+    return {"infer_samples_per_s": round(statistics.median(infer), 1),
+            "train_samples_per_s": round(statistics.median(train), 1) if train else None}
+
+
+# -- the experiment ---------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What every run shares: data, tokenizer, pretrained encoder and LLM, caches, tokenised splits."""
+
+    preset: ComparePreset
+    ds: EmbeddedDataset
+    tok: Any
+    encoder: Any
+    llm: Any
+    encoder_metrics: dict
+    hidden: dict[str, dict[int, torch.Tensor]]  # split -> layer -> states
+    splits: dict[tuple[str, int], TokenizedSplit]  # (split, image tokens) -> tokens
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pretrain_llm(preset: ComparePreset, tok, train_convs) -> Any:
+    """The small Qwen2 LLM trained on the training conversations as text only (no image)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        llm = AutoModelForCausalLM.from_config(llm_config(preset.llm, tok))
+    text = tokenize_split(tok, train_convs, 0, with_image=False)
+
+    class _TextOnly(nn.Module):  # the interface lm_logits_and_loss expects, without images
+        def __init__(self, lm):
+            super().__init__()
+            self.language_model = lm
+
+        def get_input_embeddings(self):
+            return self.language_model.get_input_embeddings()
+
+    wrapper = _TextOnly(llm)
+    train_steps(wrapper, list(llm.parameters()), None, 0, text, preset.llm_pretrain_steps, preset.lr_llm_pretrain,
+                preset, seed=12345, desc="pretraining LLM on text")
+    return llm.eval()
+
+
+def prepare(preset: ComparePreset, *, log=print) -> Context:
+    """Data, encoder (cached on disk), tokenizer, text-pretrained LLM, hidden-state caches, tokenised splits."""
+    torch.set_num_threads(preset.threads)
+    timings = {}
+    t = time.perf_counter()
+    ds = build_embedded_dataset(preset.data, Path(preset.cache_dir) / "data" / _data_name(preset)
+                                if preset.cache_dir else None)
+    timings["data_s"] = time.perf_counter() - t
+    if ds.source != "fashion_mnist":
+        log("[yellow]Fashion-MNIST is not installed: using PIL-generated scenes "
+            "(apt-get install dataset-fashion-mnist for the real images)[/yellow]")
+    log(f"data: {ds.source} scenes in {ds.root} (train {len(ds.scenes['train'])}, test {len(ds.scenes['test'])})")
+    t = time.perf_counter()
+    encoder, _, enc_metrics = load_pretrained_encoder(preset.cache_dir, preset.pretrain, with_head=True)
+    timings["encoder_s"] = time.perf_counter() - t
+    log(f"pretrained encoder: quadrant accuracy {enc_metrics['quadrant_acc']}%, dot {enc_metrics['dot_acc']}% "
+        f"(held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
+    t = time.perf_counter()
+    train_convs = conversations(ds, "train")
+    test_convs = conversations(ds, "test")
+    tok = build_tokenizer(ds, preset.llm.vocab_size)
+    llm = pretrain_llm(preset, tok, train_convs)
+    timings["llm_pretrain_s"] = time.perf_counter() - t
+    # which encoder states the methods start from, and how many image tokens each gives
+    specs = {m: METHODS[m] for m in {*preset.methods, "none"}}
+    starts, tokens = set(), set()
+    with torch.device("meta"):
+        for spec in specs.values():
+            m = build_model(spec, preset, _meta_like(encoder), _meta_like(llm), tok, 0)
+            starts.add(start_layer(m))
+            tokens.add(m.num_image_tokens)
+    t = time.perf_counter()
+    dtype = getattr(torch, preset.cache_dtype)
+    hidden = {s: cache_hidden_states(encoder, ds.scenes[s].images, sorted(starts), dtype=dtype, desc=f"caching {s} states")
+              for s in ("train", "test")}
+    timings["cache_s"] = time.perf_counter() - t
+    splits = {}
+    for n in sorted(tokens):
+        splits[("train", n)] = tokenize_split(tok, train_convs, n)
+        splits[("test", n)] = tokenize_split(tok, test_convs, n)
+    return Context(preset, ds, tok, encoder, llm, enc_metrics, hidden, splits, timings)
+
+
+def _data_name(preset: ComparePreset) -> str:
+    from laco.data.embedded import get_item_source
+
+    src = get_item_source(preset.data.source).name
+    return f"{src}-{preset.data.key(src)}"
+
+
+def _meta_like(module):
+    """A meta-device copy (config only) for shape bookkeeping."""
+    with torch.device("meta"):
+        return type(module)(copy.deepcopy(module.config))
+
+
+def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> tuple[dict[str, Any], Any]:
+    """One (method, seed, scenario) run -> (result row, trained model)."""
+    p, spec = ctx.preset, METHODS[name]
+    tag = f"{scenario} {name} s{seed}"
+    model = build_model(spec, p, ctx.encoder, ctx.llm, ctx.tok, seed)
+    if scenario == "retrofit":
+        if base is None:
+            raise ValueError("retrofit needs the trained uncompressed base model")
+        state = {k: v for k, v in base.state_dict().items() if ".compressors." not in k}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(".compressors." not in k for k in missing):
+            raise RuntimeError(f"retrofit load mismatch: missing {missing}, unexpected {unexpected}")
+    start = start_layer(model)
+    n_tok = model.num_image_tokens
+    train, test = ctx.splits[("train", n_tok)], ctx.splits[("test", n_tok)]
+    h_train, h_test = ctx.hidden["train"][start], ctx.hidden["test"][start]
+    row: dict[str, Any] = {"method": name, "scenario": scenario, "seed": seed, "compressor": spec.compressor,
+                           "layer": spec.layer, "merge_layer": start if spec.compressor != "none" else None}
+    t0 = time.perf_counter()
+    if scenario == "train":
+        params = set_trainable(model, ["compressor", "projector"])
+        sps1 = train_steps(model, params, h_train, start, train, p.stage1_steps, p.lr_stage1, p, seed, f"{tag} stage 1")
+        params = set_trainable(model, ["compressor", "projector", "llm"])
+        sps2 = train_steps(model, params, h_train, start, train, p.stage2_steps, p.lr_stage2, p, seed + 1, f"{tag} stage 2")
+        row["cached_train_samples_per_s"] = round(sps2, 1)
+    else:
+        row["before"] = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.eval_limit)
+        params = set_trainable(model, ["compressor"])
+        sps = train_steps(model, params, h_train, start, train, p.retrofit_steps, p.lr_retrofit, p, seed, f"{tag}")
+        row["cached_train_samples_per_s"] = None if math.isnan(sps) else round(sps, 1)
+    row["train_seconds"] = round(time.perf_counter() - t0, 1)
+    row["after"] = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.eval_limit)
+    row["trainable_params"] = sum(q.numel() for q in params)
+    row.update(_costs(model))
+    row.update(measure_throughput(model, ctx.ds.scenes["test"].images, test, params, p.timing_batches, p.timing_batch_size))
+    for q in model.parameters():
+        q.requires_grad_(False)
+    return row, model
+
+
+def _costs(model) -> dict[str, Any]:
+    import laco
+
+    cost = laco.encoder_cost(model.vision_tower)
+    return {"visual_tokens": model.num_image_tokens, "encoder_gflops": round(cost.total_flops / 1e9, 4),
+            "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": model.vision_tower.num_layers}
+
+
+def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: str | None = None,
+                log=print) -> dict[str, Any]:
+    """The whole experiment; writes results.json, results.md, the plots and command.txt into ``out_dir``."""
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = prepare(preset, log=log)
+    runs = []
+    for seed in preset.seeds:
+        base_row, base = run_method(ctx, "none", seed, "train")
+        if "train" in preset.scenarios and "none" in preset.methods:
+            runs.append(base_row)
+        if "retrofit" in preset.scenarios and "none" in preset.methods:
+            runs.append({**base_row, "scenario": "retrofit", "before": base_row["after"], "trainable_params": 0,
+                         "train_seconds": 0.0, "cached_train_samples_per_s": None, "train_samples_per_s": None})
+        for name in preset.methods:
+            if name == "none":
+                continue
+            for scenario in preset.scenarios:
+                row, _ = run_method(ctx, name, seed, scenario, base=base)
+                runs.append(row)
+                log(f"  {scenario:8s} {name:18s} seed {seed}: acc {row['after']['accuracy']:.1f}"
+                    + (f" (before {row['before']['accuracy']:.1f})" if "before" in row else ""))
+    ctx.timings["total_s"] = time.perf_counter() - t_start
+    results = {
+        "preset": preset.name, "config": asdict(preset), "data_source": ctx.ds.source, "data_dir": str(ctx.ds.root),
+        "encoder": {"pretrain_metrics": ctx.encoder_metrics, "config": ctx.encoder.config.to_dict()},
+        "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                        "machine": platform.machine()},
+        "command": command, "runs": runs, "table": aggregate(runs),
+    }
+    from laco.experiments.report import write_report
+
+    write_report(results, out)
+    return results
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std (sample std; 0 for one seed) over seeds per (scenario, method), in run order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["scenario"], r["method"]), []).append(r)
+    table = []
+    for (scenario, method), rs in groups.items():
+        acc = [r["after"]["accuracy"] for r in rs]
+        before = [r["before"]["accuracy"] for r in rs if "before" in r]
+        tasks = sorted({t for r in rs for t in r["after"]["per_task"]})
+        med = lambda k: statistics.median([r[k] for r in rs]) if all(r.get(k) is not None for r in rs) else None  # noqa: E731
+        table.append({
+            "scenario": scenario, "method": method, "seeds": len(rs),
+            "acc_mean": round(statistics.mean(acc), 2), "acc_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
+            "acc_min": min(acc), "acc_max": max(acc),
+            "before_mean": round(statistics.mean(before), 2) if before else None,
+            "before_std": round(statistics.stdev(before), 2) if len(before) > 1 else (0.0 if before else None),
+            "per_task": {t: round(statistics.mean([r["after"]["per_task"][t] for r in rs
+                                                   if r["after"]["per_task"].get(t) is not None]), 2) for t in tasks},
+            "merge_layer": rs[0]["merge_layer"], "num_layers": rs[0]["num_layers"],
+            "visual_tokens": rs[0]["visual_tokens"], "encoder_gflops": rs[0]["encoder_gflops"],
+            "encoder_flop_ratio": rs[0]["encoder_flop_ratio"], "trainable_params": rs[0]["trainable_params"],
+            "train_samples_per_s": med("train_samples_per_s"), "infer_samples_per_s": med("infer_samples_per_s"),
+        })
+    return table
