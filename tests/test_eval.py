@@ -275,6 +275,7 @@ GOOD = json.dumps(RECORDS[0])
         (json.dumps({**RECORDS[2], "id": "q9", "choices": None}), ValueError, r"'q9'.*'mc' needs a 'choices' list"),
         (json.dumps({**RECORDS[2], "id": "q9", "answer": "fish"}), ValueError, r"'q9'.*neither an option letter"),
         (json.dumps({**RECORDS[0], "id": "q9", "history": [["only a question"]]}), ValueError, r"'q9'.*'history'"),
+        (json.dumps({**RECORDS[0], "id": "q9", "question": "<image> What?"}), ValueError, r"'q9'.*contains '<image>'"),
         (GOOD, ValueError, r"bad.jsonl:2 \(record 'q1'\): duplicate id \(first on line 1\)"),
         ("[1, 2]", ValueError, r"bad.jsonl:2: expected a JSON object"),
     ],

@@ -98,6 +98,9 @@ def _parse_record(raw: str, path: Path, line: int, image_dir: Path) -> EvalRecor
         isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
     ):
         raise ValueError(f"{where}: 'history' must be a list of [question, answer] string pairs, got {history!r}")
+    if any(IMAGE_PLACEHOLDER in text for text in [obj["question"], *(x for turn in history for x in turn)]):
+        raise ValueError(f"{where}: the text contains {IMAGE_PLACEHOLDER!r}; the evaluator adds one placeholder "
+                         f"per image itself, remove it from the question/history")
     turn = obj.get("turn", len(history) + 1)
     if not isinstance(turn, int) or isinstance(turn, bool) or turn < 1:
         raise ValueError(f"{where}: 'turn' must be a positive integer, got {turn!r}")

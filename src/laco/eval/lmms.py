@@ -81,7 +81,8 @@ def _flatten(items: Sequence[Any]) -> list[Any]:
 class LaCoLMMS(lmms):
     """A LaCo MLLM (``laco.LaCoForConditionalGeneration`` + ``laco.LaCoProcessor``) behind lmms-eval's API.
 
-    ``--model_args pretrained=DIR[,device=cuda,dtype=bfloat16,max_new_tokens=128,chat_template=FILE]``.
+    ``--model_args pretrained=DIR[,device=cuda,dtype=bfloat16,max_new_tokens=128,chat_template=FILE]``;
+    ``device`` defaults to cuda when available, else cpu.
     In Python, pass ``model=`` and ``processor=`` objects instead of ``pretrained``. Single process
     (no data parallelism); ``batch_size`` rows share one left-padded ``generate`` call.
     """
@@ -114,8 +115,7 @@ class LaCoLMMS(lmms):
             processor = AutoProcessor.from_pretrained(pretrained)
         elif processor is None:
             raise ValueError("model=... needs processor=... as well")
-        if device is not None:
-            model.to(torch.device(device))
+        model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         self._model = model.eval()
         self.processor = processor
         self.batch_size_per_gpu = int(batch_size)
