@@ -355,6 +355,10 @@ def train(
         results.append(result)
     if config.tensorboard:
         acc.end_training()
+    if acc.is_main_process and (out / METRICS_FILE).is_file():
+        from laco.train.plot import plot_metrics
+
+        plot_metrics(out / METRICS_FILE)  # out/training.png
     return TrainResult(out, results[-1].model_dir, global_step, results, out / METRICS_FILE, model)
 
 
