@@ -175,6 +175,22 @@ def test_grad_accumulation_matches_the_full_batch(tmp_path, toy):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, toy):
+    # non-reentrant activation checkpointing recomputes the same forward: same losses and weights
+    runs = []
+    for ckpt in (False, True):
+        model, processor = tiny()
+        stage = StageConfig("ft", ["projector", "llm"], learning_rate=1e-2, max_steps=2, batch_size=4,
+                            gradient_checkpointing=ckpt)
+        r = train(model, processor, toy, run_config(tmp_path / str(ckpt), [stage], tensorboard=ckpt))
+        runs.append((r.losses, model.state_dict()))
+    (l0, w0), (l1, w1) = runs
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert all(torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)
+    assert any((tmp_path / "True" / "tensorboard").rglob("events.out.tfevents*"))
+    assert (tmp_path / "True" / "training.png").stat().st_size > 0
+
+
 class Crash(RuntimeError):
     pass
 
@@ -227,12 +243,20 @@ def test_resume_is_exact(tmp_path, toy, monkeypatch):
     assert list_checkpoints(out) == []  # superseded by the finished stages' model directories
 
 
-def test_resume_refuses_a_changed_config(tmp_path, toy):
+def test_resume_refuses_a_changed_config_or_data(tmp_path, toy, monkeypatch):
     cfg = run_config(tmp_path / "r", [align(max_steps=1)])
     train(*tiny(), toy, cfg)
     changed = run_config(tmp_path / "r", [align(max_steps=1, learning_rate=1.0)])
     with pytest.raises(ValueError, match="config changed.*stages"):
         train(*tiny(), toy, changed, resume=True)
+    cfg = run_config(tmp_path / "d", [align(max_steps=4)], save_every=1)
+    _crash_after(monkeypatch, 2)
+    with pytest.raises(Crash):
+        train(*tiny(), toy, cfg)
+    monkeypatch.undo()
+    fewer = load_llava(toy.records.select(range(6)).to_list(), toy.image_folder)
+    with pytest.raises(ValueError, match="written for 8 samples .* now has 6"):
+        train(*tiny(), fewer, cfg, resume=True)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, toy, monkeypatch):

@@ -54,6 +54,7 @@ class TrainerState:
     num_processes: int
     batch_size: int
     grad_accum: int
+    num_samples: int  # usable samples of the stage's data (a changed data set cannot resume exactly)
     scheduler: dict[str, Any] = field(default_factory=dict)  # LR scheduler state_dict (JSON-safe)
     last_loss: float | None = None
 

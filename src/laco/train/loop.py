@@ -409,6 +409,9 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
         if (st.batch_size, st.grad_accum) != (stage.batch_size, stage.grad_accum):
             raise ValueError(f"checkpoint {ckpt}: batch_size/grad_accum {st.batch_size}/{st.grad_accum} differ from "
                              f"the config's {stage.batch_size}/{stage.grad_accum}")
+        if st.num_samples != len(ds):
+            raise ValueError(f"checkpoint {ckpt} was written for {st.num_samples} samples but stage {stage.name!r} "
+                             f"now has {len(ds)}: the data changed, so the run cannot resume exactly")
         scheduler.load_state_dict(st.scheduler)
         step, epoch, skip, samples_seen, global_step, last_loss = (st.step, st.epoch, st.batches_in_epoch,
                                                                     st.samples_seen, st.global_step, st.last_loss)
@@ -424,7 +427,8 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
 
     def make_state() -> TrainerState:
         return TrainerState(si, stage.name, step, global_step, epoch, batches_in_epoch, samples_seen,
-                            acc.num_processes, stage.batch_size, stage.grad_accum, scheduler.state_dict(), last_loss)
+                            acc.num_processes, stage.batch_size, stage.grad_accum, len(ds), scheduler.state_dict(),
+                            last_loss)
 
     batches_in_epoch = skip
     while step < total:
@@ -497,16 +501,20 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
             loss_sum += loss.detach().double()
             acc.backward(loss * scale)
     loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1.0)
-    if not math.isfinite(loss_value):
+    if n_items and not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
             f"loss is {loss_value} in stage {stage.name!r}; stopped before updating the weights. The last good "
             "checkpoint is kept: lower the learning rate or check the data, then resume"
         )
+    if n_items == 0:  # every sample of the global batch was dropped: no update (the step still counts)
+        logger.warning("stage %r: a global batch without label tokens; skipping its update", stage.name)
+        optimizer.zero_grad(set_to_none=True)
+        return float("nan"), None, int(n_tok), int(n_samp)
     grad_norm = None
     if stage.max_grad_norm is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm = acc.clip_grad_norm_(params, stage.max_grad_norm)
+        # all parameters (frozen ones have no gradient): FSDP needs exactly the model's parameter list
+        norm = acc.clip_grad_norm_(list(model.parameters()), stage.max_grad_norm)
         grad_norm = float(norm) if norm is not None else None
         if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
             optimizer.zero_grad(set_to_none=True)
