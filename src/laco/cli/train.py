@@ -32,6 +32,10 @@ def train_command(
     except NonFiniteLossError as err:
         typer.echo(f"laco: training stopped: {err}", err=True)
         raise typer.Exit(1) from None
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     last = result.losses[-1] if result.losses else None
     typer.echo(f"done: {result.global_step} steps; final model in {result.model_dir}"
                + (f"; last loss {last:.4f}" if last is not None else ""))

@@ -45,7 +45,7 @@ from laco.train.checkpoint import (
     save_checkpoint,
     save_stage_model,
 )
-from laco.train.config import PARAM_GROUPS, DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
+from laco.train.config import DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     set_seed(stage_seed)
     if stage.lora is not None:
         apply_lora(model, stage.lora)
-    trainable = freeze_for_stage(model, stage.trainable)
+    freeze_for_stage(model, stage.trainable)
     _set_checkpointing(model, stage.gradient_checkpointing)
 
     collator = LlavaCollator(processor, dc.max_length, on_overflow=dc.on_overflow)
@@ -419,7 +419,6 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
 
     frozen_eval = not stage.gradient_checkpointing  # checkpointing only acts on modules in train mode
     set_train_mode(acc.unwrap_model(wrapped), frozen_eval=frozen_eval)
-    trainable_ids = {id(p) for p in trainable}
     losses: list[float] = []
     bar = tqdm(total=total, initial=step, desc=f"stage {si + 1}/{len(config.stages)} {stage.name}",
                disable=not (config.progress and acc.is_main_process), dynamic_ncols=True)
@@ -438,7 +437,8 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
         batches.set_epoch(epoch)
         batches_in_epoch, skip = skip, 0
         for window in _windows(batches, stage.grad_accum):
-            loss, grad_norm, n_tok, n_samp = _optimizer_step(acc, wrapped, optimizer, window, stage, trainable_ids)
+            loss, grad_norm, n_tok, n_samp = _optimizer_step(acc, wrapped, optimizer, window, stage)
+            lrs = _group_lrs(optimizer)  # the learning rates this step used
             scheduler.step()
             step += 1
             global_step += 1
@@ -453,7 +453,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
             window_log["tokens"] += n_tok
             window_log["samples"] += n_samp
             if step % config.log_every == 0 or step == total:
-                _log(acc, config, out, stage, si, step, global_step, epoch, optimizer, grad_norm, window_log)
+                _log(acc, config, out, stage, si, step, global_step, epoch, lrs, grad_norm, window_log)
             if config.save_every and step % config.save_every == 0 and step < total:
                 save_checkpoint(acc, out, make_state(), config.keep_checkpoints)
             if step >= total:
@@ -477,8 +477,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     return StageResult(stage.name, step, model_dir, losses), global_step
 
 
-def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfig,
-                    trainable_ids: set[int]) -> tuple[float, float | None, int, int]:
+def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfig) -> tuple[float, float | None, int, int]:
     """Forward/backward every micro-batch of ``window``, then one optimizer step. Returns
     (global token-mean loss, grad norm, global non-pad tokens, global samples)."""
     device = acc.device
@@ -525,13 +524,18 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
     return loss_value, grad_norm, int(n_tok), int(n_samp)
 
 
-def _log(acc, config: RunConfig, out: Path, stage: StageConfig, si: int, step: int, global_step: int, epoch: int,
-         optimizer, grad_norm: float | None, w: dict[str, float]) -> None:
-    now = time.perf_counter()
-    dt = max(now - w["t0"], 1e-9)
+def _group_lrs(optimizer) -> dict[str, float]:
+    """Learning rate per trained part (param groups carry the part's name)."""
     lrs: dict[str, float] = {}
     for g in optimizer.param_groups:
         lrs.setdefault(g.get("name", str(len(lrs))), g["lr"])
+    return lrs
+
+
+def _log(acc, config: RunConfig, out: Path, stage: StageConfig, si: int, step: int, global_step: int, epoch: int,
+         lrs: dict[str, float], grad_norm: float | None, w: dict[str, float]) -> None:
+    now = time.perf_counter()
+    dt = max(now - w["t0"], 1e-9)
     row = {"stage": stage.name, "stage_index": si, "step": step, "global_step": global_step, "epoch": epoch,
            "loss": w["loss"] / max(w["n"], 1), "lr": lrs, "grad_norm": grad_norm,
            "tokens_per_s": w["tokens"] / dt, "samples_per_s": w["samples"] / dt, "time": time.time()}
