@@ -134,7 +134,7 @@ def test_freeze_for_stage():
 
 # -- training ----------------------------------------------------------------------------------------
 def test_stage1_trains_exactly_pml_and_projector(tmp_path, toy):
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model, processor = tiny()
     before = groups_of(model)
@@ -157,9 +157,17 @@ def test_stage1_trains_exactly_pml_and_projector(tmp_path, toy):
     assert {"loss", "lr", "tokens_per_s", "samples_per_s", "grad_norm"} <= set(rows[0])
     assert set(rows[0]["lr"]) == set(ALIGN) and rows[0]["samples_per_s"] > 0
     assert [r["loss"] for r in rows] == pytest.approx(losses)
+    # the chain: trained -> save_pretrained -> Auto classes after `import laco` -> same generation
     reloaded = AutoModelForImageTextToText.from_pretrained(result.model_dir)
     sd = model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in reloaded.state_dict().items())
+    proc2 = AutoProcessor.from_pretrained(result.model_dir)
+    prompt = [{"role": "user", "content": "<image>\nWhat is in the image?"}]
+    texts = [p.apply_chat_template(prompt, add_generation_prompt=True) for p in (processor, proc2)]
+    image = toy[0]["images"]
+    outs = [m.generate(**p(text=[t], images=image, return_tensors="pt"), max_new_tokens=6, do_sample=False)
+            for m, p, t in ((model, processor, texts[0]), (reloaded, proc2, texts[1]))]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_grad_accumulation_matches_the_full_batch(tmp_path, toy):
