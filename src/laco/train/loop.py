@@ -37,6 +37,8 @@ from laco.data.collator import IGNORE_INDEX, LlavaCollator
 from laco.data.llava import LlavaDataset, load_llava
 from laco.train.checkpoint import (
     CHECKPOINT_DIR,
+    STAGE_MARKER,
+    STATE_FILE,
     TrainerState,
     clean_temporary,
     completed_stages,
@@ -271,21 +273,33 @@ def make_accelerator(config: RunConfig):
 
 # -- the run -------------------------------------------------------------------------------------
 def _prepare_output(accelerator, config: RunConfig, resume: bool) -> None:
+    """Refuse to overwrite a run or to resume one whose config changed (checked on every process, so all
+    stop together); the main process then clears half-written leftovers and saves the config."""
     out = Path(config.output_dir)
     saved = out / RUN_CONFIG_FILE
+    if saved.exists():
+        if not resume:
+            raise ValueError(f"{out} already holds a run; resume it (--resume / resume=True) or use a new output_dir")
+        before = load_run_config(saved).trajectory_dict()
+        now = config.trajectory_dict()
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            raise ValueError(f"cannot resume {out}: the config changed since the run started ({', '.join(changed)})")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if saved.exists():
-            if not resume:
-                raise ValueError(f"{out} already holds a run; resume it (--resume / resume=True) or use a new output_dir")
-            before = load_run_config(saved).trajectory_dict()
-            now = config.trajectory_dict()
-            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            if changed:
-                raise ValueError(f"cannot resume {out}: the config changed since the run started ({', '.join(changed)})")
         clean_temporary(out)
         save_run_config(config, saved)
     accelerator.wait_for_everyone()
+
+
+def _resume_point(out: Path, names: list[str]) -> tuple[int, Path | None]:
+    """(number of completed stages, the newest checkpoint of the next stage or None)."""
+    done = completed_stages(out, names)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and TrainerState.from_json(ckpt / STATE_FILE).stage_index != done:
+        ckpt = None  # a finished stage's leftover: its model directory supersedes it
+    return done, ckpt
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:
@@ -334,19 +348,15 @@ def train(
         acc.init_trackers("laco")
 
     names = [s.name for s in config.stages]
-    done = completed_stages(out, names) if resume else 0
+    done, ckpt = _resume_point(out, names) if resume else (0, None)
     global_step = 0
     results: list[StageResult] = []
     if done:
         global_step = _load_stage_weights(model, out / names[done - 1])
-        results = [StageResult(n, json.loads((out / n / "laco_stage.json").read_text())["steps"], out / n) for n in names[:done]]
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        st = TrainerState.from_json(ckpt / "trainer_state.json")
-        ckpt = ckpt if st.stage_index == done else None
-    if acc.is_main_process:
-        _truncate_metrics(out / METRICS_FILE, TrainerState.from_json(ckpt / "trainer_state.json").global_step
-                          if ckpt is not None else global_step)
+        results = [StageResult(n, json.loads((out / n / STAGE_MARKER).read_text())["steps"], out / n) for n in names[:done]]
+    if acc.is_main_process:  # metric lines past the resume point were written by the killed run
+        resume_step = TrainerState.from_json(ckpt / STATE_FILE).global_step if ckpt is not None else global_step
+        _truncate_metrics(out / METRICS_FILE, resume_step)
 
     for si in range(done, len(config.stages)):
         ds, dc = data[si]
@@ -367,7 +377,7 @@ def _load_stage_weights(model: nn.Module, stage_dir: Path) -> int:
     dtype = next(model.parameters()).dtype
     saved = type(model).from_pretrained(stage_dir, dtype=dtype)
     model.load_state_dict(saved.state_dict(), strict=True)
-    return int(json.loads((stage_dir / "laco_stage.json").read_text())["global_step"])
+    return int(json.loads((stage_dir / STAGE_MARKER).read_text())["global_step"])
 
 
 def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfig, config: RunConfig, si: int,
@@ -471,7 +481,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     model_dir = save_stage_model(acc, model, processor, out, stage.name, info)
     if acc.is_main_process:  # this stage's mid-stage checkpoints are superseded by its model directory
         for p in (out / CHECKPOINT_DIR).glob("checkpoint-*"):
-            if TrainerState.from_json(p / "trainer_state.json").stage_index <= si:
+            if TrainerState.from_json(p / STATE_FILE).stage_index <= si:
                 shutil.rmtree(p, ignore_errors=True)
     acc.wait_for_everyone()
     return StageResult(stage.name, step, model_dir, losses), global_step
