@@ -81,6 +81,7 @@ def probe(
     console.print(f"probing {src.name}: {what}")
     src.model.to(device)
     result = probe_encoder(src.model, pixels, labels, config, source=src.name)
+    result.notes = [*src.notes, f"images: {what}"]
     result.command = "laco probe " + " ".join(shlex.quote(str(a)) for a in (
         source, *(("--images", images) if images is not None else ()), "--layers", layers, "--ratios", ratios,
         "--budget", budget, "--metric", metric, "--max-images", max_images, "--seed", seed, "--out", out, "--name", name))

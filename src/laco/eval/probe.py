@@ -130,6 +130,7 @@ class ProbeResult:
     recommendation: dict[str, Any] | None = None
     depth_trend: dict[str, Any] = field(default_factory=dict)
     command: str | None = None
+    notes: list[str] = field(default_factory=list)  # where the encoder and images came from, caveats
 
     def ranked(self) -> list[ProbeRow]:
         """Best first by the ranking metric; ties go to the cheaper setting."""
@@ -154,7 +155,9 @@ class ProbeResult:
             "",
             "Fidelity of the compressed encoder's final features to the uncompressed encoder's final features "
             "pooled to the same grid (before any training). Ranked by "
-            f"`{self.metric}`; `*` marks the Pareto front (fewer FLOPs vs higher fidelity).",
+            f"`{self.metric}`; `*` marks the Pareto front (fewer FLOPs vs higher fidelity). `cosine` ignores scale; "
+            "`rel. error` also counts it (pooling *after* a final norm shrinks the reference's norm, merging inside "
+            "does not, so rel. error can be large where cosine is high).",
             "",
         ]
         head = ["rank", "k", "k/L", "r", "tokens", "enc FLOP ratio", "cosine", "rel. error"]
@@ -184,6 +187,10 @@ class ProbeResult:
                            "RISES as the merge moves earlier" if rho < 0 else "shows no trend with depth")
                 lines.append(f"- {key}: Spearman {t['spearman']:+.3f}, {t['inversions']} adjacent inversions -> "
                              f"fidelity {verdict}")
+            lines.append("")
+        for note in self.notes:
+            lines.append(f"Note: {note}")
+        if self.notes:
             lines.append("")
         rec = self.recommendation
         if rec is not None:
@@ -394,7 +401,14 @@ def recommend(rows: Sequence[ProbeRow], metric: str, budget: float, num_layers: 
         text = (f"merge after layer {best.layer} of {num_layers} "
                 f"(k/L = {best.fraction:.3f}) with r = {best.ratio}: {best.tokens} visual tokens, encoder FLOP ratio "
                 f"{best.flop_ratio:.3f}, {metric} {getattr(best, metric):.4f}.")
-        return {"fits_budget": True, "row": asdict(best), "text": text}
+        # the ratio also sets the LLM's token count, so give the best depth for each ratio too
+        per_ratio = {}
+        for r in sorted({row.ratio for row in fits}):
+            b = max((row for row in fits if row.ratio == r), key=lambda row: (row.value(metric), -row.flop_ratio))
+            per_ratio[str(r)] = asdict(b)
+            text += (f" For r = {r}: k = {b.layer} ({b.tokens} tokens, FLOP ratio {b.flop_ratio:.3f}, "
+                     f"{metric} {getattr(b, metric):.4f}).")
+        return {"fits_budget": True, "row": asdict(best), "per_ratio": per_ratio, "text": text}
     cheapest = min(rows, key=lambda r: (r.flop_ratio, -r.value(metric)))
     text = (f"no candidate fits the budget (the cheapest, k = {cheapest.layer} with r = {cheapest.ratio}, has FLOP "
             f"ratio {cheapest.flop_ratio:.3f}); add earlier layers or larger ratios, or raise the budget.")
@@ -543,11 +557,20 @@ def load_encoder_source(source: str) -> EncoderSource:
     import laco
 
     if source == "embedded":
-        from laco.experiments.pretrain import PIXEL_MEAN, PIXEL_STD, PretrainConfig, load_pretrained_encoder
+        from laco.experiments.pretrain import (
+            PIXEL_MEAN,
+            PIXEL_STD,
+            PretrainConfig,
+            encoder_cache_path,
+            load_pretrained_encoder,
+        )
 
         model = load_pretrained_encoder()
+        path = encoder_cache_path()
+        info = json.loads((path / "pretrain.json").read_text()) if (path / "pretrain.json").is_file() else {}
+        note = f"embedded encoder {path.name}" + (f", pretraining metrics {info['metrics']}" if "metrics" in info else "")
         return EncoderSource("embedded", model, image_size=PretrainConfig().image_size,
-                             image_mean=(PIXEL_MEAN,) * 3, image_std=(PIXEL_STD,) * 3)
+                             image_mean=(PIXEL_MEAN,) * 3, image_std=(PIXEL_STD,) * 3, notes=[note])
     if source in laco.list_vision_presets():
         model = laco.create_vision_encoder(source).eval()
         return EncoderSource(source, model, image_size=model.config.image_size, notes=[
