@@ -313,6 +313,33 @@ def test_data_errors_come_before_training(tmp_path, toy):
     assert not (tmp_path / "a").exists()
 
 
+def test_build_from_each_model_source(tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from laco.model.testing import save_tiny_mllm, tiny_text_config, tiny_tokenizer, tiny_vision_config
+    from laco.train import ModelSource
+    from laco.train.build import build_from_source
+
+    model, processor = build_from_source(ModelSource(tiny={}), seed=3)
+    assert processor.num_image_tokens == model.num_image_tokens == 16
+    save_tiny_mllm(tmp_path / "saved")
+    model, processor = build_from_source(ModelSource(pretrained=str(tmp_path / "saved")))
+    assert type(model).__name__ == "LaCoForConditionalGeneration" and processor.num_image_tokens == 16
+    # pretrained parts on disk: a vision encoder folder and an LLM folder with its tokenizer
+    AutoModel.from_config(AutoConfig.for_model(**tiny_vision_config())).save_pretrained(tmp_path / "vision")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config())).save_pretrained(tmp_path / "llm")
+    tiny_tokenizer().save_pretrained(tmp_path / "llm")
+    source = ModelSource(vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm"),
+                         compression={"method": "laco", "layer": "post", "ratio": 2})
+    model, processor = build_from_source(source)
+    assert processor.num_image_tokens == model.num_image_tokens == 16
+    assert model.vision_tower.merge_layers == [4]  # "post": after the last of 4 layers
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        build_from_source(ModelSource(pretrained=str(tmp_path)))
+    with pytest.raises(ValueError, match="no 'model' section"):
+        build_from_source(None)
+
+
 # -- CLI ---------------------------------------------------------------------------------------------
 def _write_cli_config(tmp_path, **extra):
     data = write_toy_llava(tmp_path / "data", n=4)
