@@ -192,11 +192,17 @@ def test_load_image_folder(tmp_path):
 
 
 def test_sources_llava_laco_and_hf_encoder(tmp_path):
-    from tests.test_convert import save_source
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
     from laco.model.convert import convert_checkpoint
 
-    src = save_source(tmp_path / "llava", "llava_onevision", with_tokenizer=False)
+    src = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                         image_size=64, patch_size=8, vision_use_head=False),
+        text_config=Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=64), image_token_index=3, video_token_index=4,
+        vision_feature_layer=-1, vision_feature_select_strategy="full")).eval()
+    src.save_pretrained(tmp_path / "llava")
     s = load_encoder_source(str(tmp_path / "llava"))
     assert s.feature_layer == -1 and s.final_norm is False  # HF LLaVA semantics: no post_layernorm
     for k, v in src.model.vision_tower.state_dict().items():
