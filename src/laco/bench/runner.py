@@ -283,7 +283,9 @@ def _optimizer(models: dict[str, nn.Module], lr: float) -> torch.optim.Optimizer
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # fused: one kernel per step, no full-size temporaries (foreach AdamW is ~6x slower on CPU and allocates a
+    # parameter-sized buffer for the denominator); HF Trainer's "adamw_torch_fused" is the same optimizer
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def profile_encoder(models: dict[str, nn.Module], cfg: BenchConfig, row_limit: i
             model.vision_tower(px)  # warm-up
             with profile(activities=activities) as prof:
                 model.vision_tower(px)
-        key = "self_cuda_time_total" if cfg.torch_device.type == "cuda" else "self_cpu_time_total"
+        key = "self_device_time_total" if cfg.torch_device.type == "cuda" else "self_cpu_time_total"
         tables[name] = prof.key_averages().table(sort_by=key, row_limit=row_limit)
     return tables
 
