@@ -337,3 +337,33 @@ def test_cli_convert(tmp_path, monkeypatch, capsys):
         main()
     assert exc.value.code == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_cli_probe_then_convert_from_probe(tmp_path):
+    """The evidence path: probe the checkpoint's tower, then convert with the recommended (k, r)."""
+    from typer.testing import CliRunner
+
+    from laco.cli import app
+
+    save_source(tmp_path / "src", "llava_onevision")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for i in range(6):
+        arr = (torch.rand(64, 64, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(imgs / f"{i}.png")
+    runner = CliRunner()
+    res = runner.invoke(app, ["probe", str(tmp_path / "src"), "--images", str(imgs), "--ratios", "2",
+                              "--budget", "0.9", "--out", str(tmp_path / "probe")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "probe" / "probe.json").read_text())["recommendation"]["row"]
+    res = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--from-probe",
+                              str(tmp_path / "probe" / "probe.json"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["merge_after_layers"] == [rec["layer"]] and report["compression"]["ratio"] == rec["ratio"]
+    res = runner.invoke(app, ["convert", str(tmp_path / "imgs"), str(tmp_path / "out2"), "--from-probe",
+                              str(tmp_path / "probe" / "probe.json")])
+    assert isinstance(res.exception, ValueError) and "probed" in str(res.exception)  # a different checkpoint

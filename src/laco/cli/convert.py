@@ -11,6 +11,20 @@ import typer
 from laco.cli import app
 
 
+def probe_recommendation(path: Path, src_dir: Path) -> tuple[int, int]:
+    """(layer k, ratio r) recommended by a `laco probe` JSON that probed ``src_dir``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"probe result {str(path)!r} does not exist")
+    data = json.loads(path.read_text())
+    rec = data.get("recommendation") or {}
+    row = rec.get("row")
+    if row is None or not rec.get("fits_budget", False):
+        raise ValueError(f"{str(path)!r} has no recommendation within its FLOP budget; pick --layer/--ratio by hand")
+    if Path(str(data.get("source", ""))).resolve() != src_dir.resolve():
+        raise ValueError(f"{str(path)!r} probed {data.get('source')!r}, not {str(src_dir)!r}")
+    return int(row["layer"]), int(row["ratio"])
+
+
 @app.command()
 def convert(
     src_dir: Path = typer.Argument(..., help="Hugging Face LlavaForConditionalGeneration / "
@@ -22,6 +36,8 @@ def convert(
     method: str = typer.Option("laco", "--method", "-m", help="compressor (laco starts as exact average pooling)"),
     proj: Optional[str] = typer.Option(None, "--proj", help="PML projection: mlp (default) or linear"),
     pad: Optional[str] = typer.Option(None, "--pad", help="odd grids: replicate (default), zero, crop, error"),
+    from_probe: Optional[Path] = typer.Option(None, "--from-probe", help="take --layer/--ratio from a `laco probe` "
+                                                                         "JSON's recommendation for this checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT_DIR if it exists"),
     as_json: bool = typer.Option(False, "--json", help="print the conversion report as JSON"),
 ) -> None:
@@ -33,7 +49,10 @@ def convert(
     from laco.model.convert import convert_checkpoint
 
     kwargs = {k: v for k, v in (("proj", proj), ("pad", pad)) if v is not None}
-    report = convert_checkpoint(src_dir, out_dir, layer=parse_layers(layer), ratio=ratio, method=method,
+    layer_spec = parse_layers(layer)
+    if from_probe is not None:
+        layer_spec, ratio = probe_recommendation(from_probe, src_dir)
+    report = convert_checkpoint(src_dir, out_dir, layer=layer_spec, ratio=ratio, method=method,
                                 compressor_kwargs=kwargs, overwrite=overwrite)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
