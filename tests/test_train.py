@@ -55,7 +55,7 @@ def run_config(out, stages, **kw):
 
 
 def align(**kw):
-    kw = {"learning_rate": 1e-2, "max_steps": 8, "batch_size": 4, "warmup_steps": 0, **kw}
+    kw = {"learning_rate": 1e-2, "max_steps": 6, "batch_size": 4, "warmup_steps": 0, **kw}
     return StageConfig("align", list(ALIGN), **kw)
 
 
@@ -140,7 +140,7 @@ def test_stage1_trains_exactly_pml_and_projector(tmp_path, toy):
     before = groups_of(model)
     result = train(model, processor, toy, run_config(tmp_path / "run", [align()]))
     losses = result.losses
-    assert len(losses) == 8 and all(map(lambda x: x == x, losses))
+    assert len(losses) == 6 and all(map(lambda x: x == x, losses))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.03, losses  # loss falls
     after = groups_of(model)
     for g in ("encoder", "llm"):  # frozen: bit-identical
@@ -153,7 +153,7 @@ def test_stage1_trains_exactly_pml_and_projector(tmp_path, toy):
     assert result.model_dir == out / "align" and (out / "align" / "model.safetensors").is_file()
     assert load_run_config(out / "run_config.yaml") == load_run_config(run_config(out, [align()]).to_dict())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == list(range(1, 7))
     assert {"loss", "lr", "tokens_per_s", "samples_per_s", "grad_norm"} <= set(rows[0])
     assert set(rows[0]["lr"]) == set(ALIGN) and rows[0]["samples_per_s"] > 0
     assert [r["loss"] for r in rows] == pytest.approx(losses)
@@ -217,8 +217,8 @@ def _crash_after(monkeypatch, n_steps):
 
 
 def _two_stages():
-    return [align(max_steps=3, batch_size=2),
-            StageConfig("finetune", ["projector", "llm"], learning_rate=5e-3, max_steps=5, batch_size=3,
+    return [align(max_steps=2, batch_size=2),
+            StageConfig("finetune", ["projector", "llm"], learning_rate=5e-3, max_steps=4, batch_size=3,
                         warmup_steps=1, scheduler="cosine")]
 
 
@@ -232,7 +232,7 @@ def test_resume_is_exact(tmp_path, toy, monkeypatch):
     out = tmp_path / "killed"
     cfg = run_config(out, _two_stages(), save_every=2)
     model, processor = tiny(**kw)
-    _crash_after(monkeypatch, 3 + 3)  # stage 1 done, stage 2 checkpointed at step 2, crash during step 4
+    _crash_after(monkeypatch, 2 + 3)  # stage 1 done, stage 2 checkpointed at step 2, crash during step 4
     with pytest.raises(Crash):
         train(model, processor, toy, cfg)
     monkeypatch.undo()
@@ -243,11 +243,11 @@ def test_resume_is_exact(tmp_path, toy, monkeypatch):
         train(*tiny(**kw), toy, cfg)
     model, processor = tiny(seed=123, **kw)  # different initial weights: everything must come from disk
     result = train(model, processor, toy, cfg, resume=True)
-    assert result.global_step == 8 and len(result.stages[1].losses) == 3
+    assert result.global_step == 6 and len(result.stages[1].losses) == 2
     state = model.state_dict()
     assert all(torch.equal(reference[k], state[k]) for k in reference)
     steps = [json.loads(x)["global_step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))  # lines written after the checkpoint by the killed run were dropped
+    assert steps == list(range(1, 7))  # lines written after the checkpoint by the killed run were dropped
     assert list_checkpoints(out) == []  # superseded by the finished stages' model directories
 
 
