@@ -41,8 +41,10 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT_DIR if it exists"),
     as_json: bool = typer.Option(False, "--json", help="print the conversion report as JSON"),
 ) -> None:
-    """Insert the PML into the vision tower (zero-init: starts as in-encoder average pooling); carry the
-    tower, projector and LLM weights over unchanged; save a LaCo model + processor for `laco train` stage 1."""
+    """Turn a LLaVA(-OneVision) checkpoint into a LaCo model (zero-init PML: starts as in-encoder pooling).
+
+    The tower, projector and LLM weights are carried over unchanged; the result loads with from_pretrained
+    and goes into `laco train` stage 1 (PML + projector)."""
     from rich.console import Console
 
     from laco.cli.info import parse_layers
