@@ -199,6 +199,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, toy):
     assert (tmp_path / "True" / "training.png").stat().st_size > 0
 
 
+def test_tensorboard_without_the_package_is_an_early_error(tmp_path, toy, monkeypatch):
+    real = loop_module.importlib.util.find_spec
+    monkeypatch.setattr(loop_module.importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+    model, processor = tiny()
+    with pytest.raises(ValueError, match="needs the tensorboard package"):
+        train(model, processor, toy, run_config(tmp_path, [align(max_steps=1)], tensorboard=True))
+
+
 class Crash(RuntimeError):
     pass
 

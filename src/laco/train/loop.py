@@ -18,6 +18,7 @@ stage end) are atomic; see ``laco.train.checkpoint`` for the layout and the exac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -259,6 +260,9 @@ def make_accelerator(config: RunConfig):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     out = Path(config.output_dir)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        # accelerate only warns and logs nothing: fail early instead of losing the run's curves
+        raise ValueError("tensorboard: true needs the tensorboard package: pip install 'laco[tensorboard]'")
     # without a GPU, say so: then torchrun-launched processes form a gloo group (accelerate's MULTI_CPU)
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     cpu = os.environ.get("ACCELERATE_USE_CPU", str(no_gpu)).lower() in ("1", "true", "yes")
