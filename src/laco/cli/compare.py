@@ -18,6 +18,7 @@ def compare(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list of seeds (default: the preset's)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON file overriding any preset field"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder (default: laco-results/compare/<preset>)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: the preset's, 2); 1 can be faster on a busy machine"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="data + pretrained encoder cache (default: $LACO_CACHE or ~/.cache/laco)"),
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
 ) -> None:
@@ -50,7 +51,7 @@ def compare(
             seed_list = [int(s) for s in split(seeds)]
         except ValueError:
             raise ValueError(f"--seeds must be a comma list of integers, got {seeds!r}") from None
-    p = load_preset(preset, config, methods=split(methods), scenarios=split(scenarios), seeds=seed_list,
+    p = load_preset(preset, config, methods=split(methods), scenarios=split(scenarios), seeds=seed_list, threads=threads,
                     cache_dir=str(cache_dir) if cache_dir else None)
     out = out or Path("laco-results") / "compare" / p.name
     command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -439,7 +439,7 @@ def build_embedded_dataset(config: EmbeddedDataConfig | None = None, out_dir: st
         meta = json.loads((root / "meta.json").read_text())
         if meta.get("key") == config.key(source.name):
             return _load(root, config)
-    tmp = root.with_name(root.name + ".partial")
+    tmp = root.with_name(root.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {"train": config.num_train, "val": config.num_val, "test": config.num_test}
     arrays, scenes = {}, {}

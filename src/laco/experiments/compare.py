@@ -55,7 +55,7 @@ from torch import nn
 from laco.data.embedded import EmbeddedDataConfig, EmbeddedDataset, build_embedded_dataset
 from laco.experiments.pretrain import PretrainConfig, load_pretrained_encoder, to_pixel_values
 
-SCENARIOS = ("train", "retrofit")
+SCENARIOS = ("readout", "train", "retrofit")
 
 
 # -- methods ----------------------------------------------------------------------------------------
@@ -130,6 +130,8 @@ class ComparePreset:
     stage1_steps: int = 100
     stage2_steps: int = 150
     retrofit_steps: int = 60
+    readout_steps: int = 60  # compressor-only steps against the frozen pretrained read-out
+    readout_batch_size: int = 128
     lr_llm_pretrain: float = 2e-3
     lr_stage1: float = 1e-3
     lr_stage2: float = 5e-4
@@ -178,7 +180,9 @@ def _smoke() -> ComparePreset:
 
 
 def _quick() -> ComparePreset:
-    return ComparePreset(name="quick")
+    data = EmbeddedDataConfig(num_train=8000, num_val=500, num_test=600)
+    return ComparePreset(name="quick", data=data, pretrain=PretrainConfig(data=data), stage1_steps=80,
+                         stage2_steps=120, retrofit_steps=60)
 
 
 def _full() -> ComparePreset:
@@ -368,9 +372,16 @@ def image_features_from_hidden(model, hidden: torch.Tensor, start: int) -> torch
     The rest of ``CompressedVisionEncoder.forward`` (merges, layers start..L, final norm, post merge),
     then feature select and the projector, exactly as ``model.get_image_features`` does from pixels.
     """
-    tower = model.vision_tower
+    x, _ = tower_from_hidden(model.vision_tower, hidden, start, model.config.image_size)
+    if model.config.vision_feature_select_strategy == "default":
+        x = x[:, model.vision_tower.num_prefix_tokens:]
+    return model.projector(x)
+
+
+def tower_from_hidden(tower, hidden: torch.Tensor, start: int, image_size=None) -> tuple[torch.Tensor, tuple]:
+    """Finish a ``CompressedVisionEncoder`` forward from its state after ``start`` layers -> (tokens, grid)."""
     a = tower.adapter
-    grid, x = a.grid_for_image_size(model.config.image_size), hidden
+    grid, x = a.grid_for_image_size(image_size), hidden
     for i in range(start, tower.num_layers):
         if str(i) in tower.compressors:
             x, grid = tower._merge(i, x, grid)
@@ -379,9 +390,7 @@ def image_features_from_hidden(model, hidden: torch.Tensor, start: int) -> torch
         x = a.final_norm(x)
     if str(tower.num_layers) in tower.compressors:
         x, grid = tower._merge(tower.num_layers, x, grid)
-    if model.config.vision_feature_select_strategy == "default":
-        x = x[:, tower.num_prefix_tokens:]
-    return model.projector(x)
+    return x, grid
 
 
 def lm_logits_and_loss(model, feats: torch.Tensor | None, ids, mask, labels):
@@ -530,6 +539,7 @@ class Context:
     encoder: Any
     llm: Any
     encoder_metrics: dict
+    readout: Any  # the encoder's pretraining head (quadrant classes), frozen
     hidden: dict[str, dict[int, torch.Tensor]]  # split -> layer -> states
     splits: dict[tuple[str, int], TokenizedSplit]  # (split, image tokens) -> tokens
     timings: dict[str, float] = field(default_factory=dict)
@@ -571,7 +581,7 @@ def prepare(preset: ComparePreset, *, log=print) -> Context:
             "(apt-get install dataset-fashion-mnist for the real images)[/yellow]")
     log(f"data: {ds.source} scenes in {ds.root} (train {len(ds.scenes['train'])}, test {len(ds.scenes['test'])})")
     t = time.perf_counter()
-    encoder, _, enc_metrics = load_pretrained_encoder(preset.cache_dir, preset.pretrain, with_head=True)
+    encoder, readout, enc_metrics = load_pretrained_encoder(preset.cache_dir, preset.pretrain, with_head=True)
     timings["encoder_s"] = time.perf_counter() - t
     log(f"pretrained encoder: quadrant accuracy {enc_metrics['quadrant_acc']}%, dot {enc_metrics['dot_acc']}% "
         f"(held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
@@ -598,7 +608,9 @@ def prepare(preset: ComparePreset, *, log=print) -> Context:
     for n in sorted(tokens):
         splits[("train", n)] = tokenize_split(tok, train_convs, n)
         splits[("test", n)] = tokenize_split(tok, test_convs, n)
-    return Context(preset, ds, tok, encoder, llm, enc_metrics, hidden, splits, timings)
+    for q in [*encoder.parameters(), *readout.parameters()]:
+        q.requires_grad_(False)
+    return Context(preset, ds, tok, encoder, llm, enc_metrics, readout, hidden, splits, timings)
 
 
 def _data_name(preset: ComparePreset) -> str:
@@ -654,6 +666,70 @@ def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> 
     return row, model
 
 
+def _readout_accuracy(ctx: Context, tower, start: int, split: str, limit: int | None = None) -> dict[str, Any]:
+    """Quadrant-classification accuracy (%) of the frozen pretrained read-out on the (compressed) tokens."""
+    scenes = ctx.ds.scenes[split]
+    n = len(scenes) if limit is None else min(limit, len(scenes))
+    hidden, correct = ctx.hidden[split][start], 0
+    tower.eval()
+    with torch.no_grad():
+        for i in range(0, n, 256):
+            x, grid = tower_from_hidden(tower, hidden[i:min(n, i + 256)].float(), start)
+            logits, _ = ctx.readout(x[:, tower.num_prefix_tokens:], grid)
+            correct += int((logits.argmax(-1) == torch.as_tensor(scenes.labels[i:min(n, i + 256)])).sum())
+    return {"accuracy": round(100.0 * correct / (4 * n), 2), "n": 4 * n, "per_task": {"quadrant": round(100.0 * correct / (4 * n), 2)},
+            "per_turn": {}}
+
+
+def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
+    """The feasibility study's protocol on the same encoder: insert the compressor, train only it against the
+    frozen pretrained quadrant read-out (the consumer is pretrained and frozen, like a frozen LLM)."""
+    from tqdm.auto import tqdm
+
+    from laco.encoders import compress_encoder
+
+    p, spec = ctx.preset, METHODS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tower = compress_encoder(ctx.encoder, spec.compressor, layer=spec.layer, ratio=p.ratio,
+                                 **dict(spec.kwargs)) if spec.compressor != "none" else compress_encoder(ctx.encoder, "none")
+    start = min(tower.merge_layers, default=tower.num_layers)
+    row: dict[str, Any] = {"method": name, "scenario": "readout", "seed": seed, "compressor": spec.compressor,
+                           "layer": spec.layer, "merge_layer": start if spec.compressor != "none" else None}
+    row["before"] = _readout_accuracy(ctx, tower, start, "test", p.eval_limit)
+    params = list(tower.compressors.parameters())
+    t0 = time.perf_counter()
+    if params and p.readout_steps > 0:
+        for q in params:
+            q.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=p.lr_stage1, weight_decay=p.weight_decay)
+        warmup = max(1, int(p.warmup_fraction * p.readout_steps))
+        gen = torch.Generator().manual_seed(seed)
+        hidden, labels = ctx.hidden["train"][start], torch.as_tensor(ctx.ds.scenes["train"].labels)
+        tower.train()
+        for step in tqdm(range(p.readout_steps), desc=f"readout {name} s{seed}", leave=False):
+            for g in opt.param_groups:
+                g["lr"] = p.lr_stage1 * _cosine(step, p.readout_steps, warmup)
+            idx = torch.randint(0, len(hidden), (p.readout_batch_size,), generator=gen)
+            x, grid = tower_from_hidden(tower, hidden[idx].float(), start)
+            logits, _ = ctx.readout(x[:, tower.num_prefix_tokens:], grid)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for q in params:
+            q.requires_grad_(False)
+    row["train_seconds"] = round(time.perf_counter() - t0, 1)
+    row["after"] = _readout_accuracy(ctx, tower, start, "test", p.eval_limit)
+    row["trainable_params"] = sum(q.numel() for q in params)
+    row["cached_train_samples_per_s"] = None
+    cost = __import__("laco").encoder_cost(tower)
+    row.update({"visual_tokens": tower.num_output_tokens(), "encoder_gflops": round(cost.total_flops / 1e9, 4),
+                "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": tower.num_layers,
+                "train_samples_per_s": None, "infer_samples_per_s": None})
+    return row
+
+
 def _costs(model) -> dict[str, Any]:
     import laco
 
@@ -670,7 +746,16 @@ def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: s
     out.mkdir(parents=True, exist_ok=True)
     ctx = prepare(preset, log=log)
     runs = []
+    mllm = [s for s in preset.scenarios if s != "readout"]
     for seed in preset.seeds:
+        if "readout" in preset.scenarios:
+            for name in preset.methods:
+                row = run_readout(ctx, name, seed)
+                runs.append(row)
+                log(f"  readout  {name:18s} seed {seed}: quadrant acc {row['after']['accuracy']:.1f} "
+                    f"(before {row['before']['accuracy']:.1f})")
+        if not mllm:
+            continue
         base_row, base = run_method(ctx, "none", seed, "train")
         if "train" in preset.scenarios and "none" in preset.methods:
             runs.append(base_row)
@@ -680,7 +765,7 @@ def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: s
         for name in preset.methods:
             if name == "none":
                 continue
-            for scenario in preset.scenarios:
+            for scenario in mllm:
                 row, _ = run_method(ctx, name, seed, scenario, base=base)
                 runs.append(row)
                 log(f"  {scenario:8s} {name:18s} seed {seed}: acc {row['after']['accuracy']:.1f}"

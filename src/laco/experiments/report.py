@@ -26,7 +26,7 @@ def _num(x: Any, digits: int = 1) -> str:
 
 def table_rows(results: dict[str, Any], scenario: str) -> tuple[list[str], list[list[str]]]:
     """Header and string rows of one scenario's table (shared by markdown and rich)."""
-    retro = scenario == "retrofit"
+    retro = scenario in ("retrofit", "readout")
     header = ["method", "merge after layer", "visual tokens", "enc. GFLOPs", "FLOP ratio", "accuracy %"]
     if retro:
         header.insert(5, "before training %")
@@ -60,6 +60,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 SCENARIO_TEXT = {
+    "readout": "the feasibility protocol on the same encoder: compressor inserted, trained alone against the frozen "
+               "pretrained quadrant read-out (accuracy = quadrant classification of the test scenes)",
     "train": "pretrained encoder (frozen) + new compressor and projector; stage 1 trains compressor + projector "
              "(LLM frozen), stage 2 also the LLM",
     "retrofit": "the trained uncompressed MLLM with the compressor inserted; only the compressor is trained, "
@@ -88,7 +90,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{cfg['timing_batch_size']} (training = forward + backward, stage-2 / retrofit trainable set).",
         "",
     ]
-    for scenario in ("train", "retrofit"):
+    for scenario in ("readout", "train", "retrofit"):
         if not any(r["scenario"] == scenario for r in results["table"]):
             continue
         out += [f"## Scenario: {scenario}", "", SCENARIO_TEXT[scenario], "", _md_table(*table_rows(results, scenario)), "",
@@ -110,7 +112,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios = [s for s in ("train", "retrofit") if any(r["scenario"] == s for r in results["table"])]
+    scenarios = [s for s in ("readout", "train", "retrofit") if any(r["scenario"] == s for r in results["table"])]
     paths = []
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.8), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
@@ -118,13 +120,13 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             colour = "C0" if r["method"].startswith("laco") or r["method"] == "ext_laco" else \
                 "C3" if "pixel_shuffle" in r["method"] else "gray" if r["method"] == "none" else "C2"
             ax.errorbar(r["encoder_gflops"], r["acc_mean"], yerr=r["acc_std"] or None, fmt="o", color=colour, capsize=3)
-            if r["before_mean"] is not None and scenario == "retrofit":
+            if r["before_mean"] is not None and scenario != "train":
                 ax.plot([r["encoder_gflops"]], [r["before_mean"]], marker="x", color=colour, alpha=0.5)
             ax.annotate(r["method"], (r["encoder_gflops"], r["acc_mean"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
         ax.set_xlabel("encoder GFLOPs per image")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{scenario}" + (" (x = before training)" if scenario == "retrofit" else ""))
+        ax.set_title(f"{scenario}" + (" (x = before training)" if scenario != "train" else ""))
         ax.grid(alpha=0.3)
     fig.suptitle(f"laco compare ({results['preset']}): accuracy vs encoder FLOPs")
     fig.tight_layout()
@@ -182,7 +184,7 @@ def print_table(results: dict[str, Any], console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    for scenario in ("train", "retrofit"):
+    for scenario in ("readout", "train", "retrofit"):
         header, rows = table_rows(results, scenario)
         if not rows:
             continue
