@@ -14,7 +14,7 @@ from laco.cli import app
 def compare(
     preset: str = typer.Option("quick", "--preset", "-p", help="smoke (seconds), quick (<= 10 min on 2 cores), full (>= 3 seeds)"),
     methods: Optional[str] = typer.Option(None, "--methods", "-m", help="comma list, e.g. 'none,laco@1/4,pixel_shuffle@1/4' (default: all)"),
-    scenarios: Optional[str] = typer.Option(None, "--scenarios", help="comma list of train, retrofit (default: both)"),
+    scenarios: Optional[str] = typer.Option(None, "--scenarios", help="comma list of readout, train, retrofit (default: all three)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list of seeds (default: the preset's)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON file overriding any preset field"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder (default: laco-results/compare/<preset>)"),

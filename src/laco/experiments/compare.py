@@ -18,6 +18,8 @@ stage 1 has a language model to align to, as LLaVA's does.
 
 Scenarios (the encoder is frozen throughout, as in LLaVA / LaCo stage 1):
 
+* **readout**: the feasibility study's protocol on the same encoder: insert the compressor and train
+  only it against the encoder's frozen, pretrained quadrant read-out (a pretrained, frozen consumer).
 * **train**: pretrained encoder + new compressor and projector. Stage 1 trains compressor +
   projector (LLM frozen); stage 2 also trains the LLM.
 * **retrofit**: start from the trained uncompressed MLLM (the train scenario's ``none`` model of the
