@@ -214,6 +214,11 @@ def test_bench_cli_tiny_writes_wellformed_results(tmp_path):
     md = stem.with_suffix(".md").read_text()
     assert "| train step, stage 2 |" in md and "Speedup against laco@post" in md and data["command"] in md
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # the report re-renders from the saved JSON alone (same markdown)
+    stem.with_suffix(".md").unlink()
+    res = CliRunner().invoke(app, ["bench", "--from-json", str(stem.with_suffix(".json"))])
+    assert res.exit_code == 0, res.output
+    assert stem.with_suffix(".md").read_text() == md
 
 
 def test_bench_cli_dry_run_and_errors():

@@ -219,13 +219,15 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
     methods = list(rows)
     parts = [p for p in LABELS if any(p in rows[m] for m in methods)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}  # one colour per method, both panels
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(parts))
     for i, m in enumerate(methods):
         med = [rows[m][p]["median_s"] if p in rows[m] else np.nan for p in parts]
         lo = [rows[m][p]["median_s"] - rows[m][p]["q1_s"] if p in rows[m] else 0 for p in parts]
         hi = [rows[m][p]["q3_s"] - rows[m][p]["median_s"] if p in rows[m] else 0 for p in parts]
-        ax1.bar(x + i * width, med, width, yerr=[lo, hi], label=m, capsize=2)
+        ax1.bar(x + i * width, med, width, yerr=[lo, hi], label=m, capsize=2, color=color[m])
     ax1.set_xticks(x + width * (len(methods) - 1) / 2, [LABELS[p] for p in parts], rotation=30, ha="right")
     ax1.set_yscale("log")
     ax1.set_ylabel("median time (s), bars: quartiles")
@@ -241,7 +243,7 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
         hi = np.array([sp[m][p]["high"] if p in sp[m] else np.nan for p in sp_parts])
         pred = [sp[m][p]["predicted"] if p in sp[m] else np.nan for p in sp_parts]
         bars = ax2.bar(x2 + i * width2, meas, width2, yerr=[np.nan_to_num(meas - lo), np.nan_to_num(hi - meas)],
-                       capsize=2, label=f"{m} measured")
+                       capsize=2, label=f"{m} measured", color=color[m])
         ax2.scatter(x2 + i * width2, pred, marker="_", s=300, color="black", zorder=3,
                     label="FLOP-predicted" if i == 0 else None)
         del bars

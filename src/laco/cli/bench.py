@@ -32,6 +32,8 @@ def bench(
     out: str = typer.Option("benchmarks/results", "--out", "-o", help="results root; a per-device folder is added"),
     profile: bool = typer.Option(False, "--profile", help="also write torch.profiler op tables of the encoder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the FLOP model's predictions only; time nothing"),
+    from_json: Optional[str] = typer.Option(None, "--from-json",
+                                            help="re-write the markdown/PNG of a saved result JSON; time nothing"),
 ) -> None:
     """Time encoder, prefill, decoding, generation and training steps per method; compare with FLOP predictions."""
     import shlex
@@ -44,6 +46,18 @@ def bench(
     from laco.bench.runner import PARTS, TRAIN_PARTS, BenchConfig, predict_all, run_benchmark
     from laco.bench.timers import device_slug
 
+    if from_json is not None:
+        import json
+        from pathlib import Path
+
+        path = Path(from_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"result file {from_json!r} does not exist")
+        result = json.loads(path.read_text())
+        result.pop("analysis", None)  # recomputed from the raw samples
+        for kind, p in write_report(result, path.parent).items():
+            Console().print(f"{kind}: {p}")
+        return
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) if parts else PARTS
     if not train:
         chosen = tuple(p for p in chosen if p not in TRAIN_PARTS)
