@@ -191,7 +191,9 @@ def _full() -> ComparePreset:
     data = EmbeddedDataConfig(num_train=12000, num_val=1000, num_test=2000)
     return ComparePreset(
         name="full", data=data, pretrain=PretrainConfig(steps=800, batch_size=96, data=data), seeds=[0, 1, 2],
-        stage1_steps=300, stage2_steps=400, retrofit_steps=150, llm_pretrain_steps=300, timing_batches=5,
+        # the tiny MLLM needs ~1500+ stage-2 steps to read the image (docs/compare.md); hours on 2 CPU cores
+        stage1_steps=200, stage2_steps=2000, retrofit_steps=150, readout_steps=150, llm_pretrain_steps=300,
+        timing_batches=5,
     )
 
 
