@@ -202,13 +202,14 @@ def test_bench_cli_tiny_writes_wellformed_results(tmp_path):
             assert ((m, p) in measured) == (p != "compressor" or m != "none"), (m, p)
     for r in data["measured"]:
         assert r["time"]["n"] == 2 and r["time"]["median"] > 0 and r["memory"]["peak"] > 0
+        assert r["cpu_time"]["n"] == 2 and r["cpu_time"]["median"] > 0
         if r["part"].startswith("train_"):  # timed phases of a step add up to (at most) the step
             phases = r["splits"]
             assert set(phases) == {"forward_backward", "optimizer"}
             assert phases["forward_backward"]["min"] + phases["optimizer"]["min"] <= r["time"]["max"]
     assert data["models"]["laco@1/4"]["num_image_tokens"] == 16 and data["models"]["none"]["sequence_length"] == 72
     sp = data["analysis"]["speedups"]
-    assert set(sp) == {"none", "laco@1/4"}
+    assert set(sp) == {"none", "laco@1/4"} and set(data["analysis"]["speedups_cpu_time"]) == set(sp)
     assert sp["laco@1/4"]["prefill"]["predicted"] == pytest.approx(1.0)
     assert sp["laco@1/4"]["encoder"]["predicted"] > 1.5
     md = stem.with_suffix(".md").read_text()

@@ -7,6 +7,8 @@
   resident-set high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` after
   ``malloc_trim`` hands freed heap back -- so it is the peak *RSS* of the whole process during the
   case (weights included) and ``delta`` is the growth over the RSS just before it.
+* Process CPU time (``time.process_time``, all threads) is recorded beside the wall time: on a CPU
+  shared with other jobs it counts the work this process did, not the time it waited for a core.
 * Interleaving: every round times every case once; within a part the method order rotates from
   round to round, so slow phases of a shared machine hit all methods alike. The first ``warmup``
   rounds are discarded.
@@ -137,11 +139,14 @@ class CaseResult:
     method: str
     part: str
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds (all threads)
     memory: list[dict[str, int]] = field(default_factory=list)
     splits: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "part": self.part, "time": summarize(self.times)}
+        if self.cpu_times:
+            out["cpu_time"] = summarize(self.cpu_times)
         if self.splits:
             out["splits"] = {k: summarize(v) for k, v in self.splits.items()}
         if self.memory:
@@ -183,13 +188,16 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 3, device: t
                 gc.collect()
                 if memory:
                     mem.start()
+                c0 = time.process_time()
                 t, out = timer.time(case.fn)
+                cpu = time.process_time() - c0
                 used = mem.stop() if memory else None
                 if case.reset is not None:
                     case.reset()
                 if r >= warmup:
                     res = results[(case.method, case.part)]
                     res.times.append(t)
+                    res.cpu_times.append(cpu)
                     if isinstance(out, Splits):
                         for k, v in out.items():
                             res.splits.setdefault(k, []).append(v)
