@@ -4,7 +4,8 @@ Files go to ``<out>/<device slug>/<vision>_<llm>.{json,md,png}`` (plus ``*_profi
 Every speedup is relative to the run's baseline method (default ``laco@post``, the paper's external
 compression): ``measured = median time(baseline) / median time(method)``, ``predicted = FLOPs(baseline)
 / FLOPs(method)``, and ``efficiency = measured / predicted`` (1.0: the method saves exactly the
-time its FLOPs promise). The speedup range uses the quartiles: [q1(base)/q3(m), q3(base)/q1(m)].
+time its FLOPs promise). The speedup range is the lowest and highest per-round ratio: methods are
+interleaved within a round, so pairing by round cancels load that the round shares.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def analyze(result: dict[str, Any]) -> dict[str, Any]:
             "median_s": t["median"], "q1_s": t["q1"], "q3_s": t["q3"], "rel_iqr": t["rel_iqr"], "n": t["n"],
             "throughput": thr, "throughput_unit": unit, "flops": flops,
             "gflops_per_s": flops / t["median"] / 1e9 if flops else None,
-            "memory_peak": memory.get("peak"), "memory_delta": memory.get("delta"),
+            "memory_peak": memory.get("peak"), "memory_delta": memory.get("delta"), "samples": t.get("samples", []),
         }
 
     for rec in result["measured"]:
@@ -68,7 +69,8 @@ def analyze(result: dict[str, Any]) -> dict[str, Any]:
     for rec in result["measured"]:
         if cpu_clock and "cpu_time" in rec:
             c = rec["cpu_time"]
-            rows[rec["method"]][rec["part"]].update(cpu_median_s=c["median"], cpu_q1_s=c["q1"], cpu_q3_s=c["q3"])
+            rows[rec["method"]][rec["part"]].update(cpu_median_s=c["median"], cpu_q1_s=c["q1"], cpu_q3_s=c["q3"],
+                                                     cpu_samples=c.get("samples", []))
     speedups = _speedups(rows, base, "")
     speedups_cpu = _speedups(rows, base, "cpu_") if cpu_clock else {}
     shares = {m: p["compressor"]["median_s"] / p["encoder"]["median_s"]
@@ -79,7 +81,7 @@ def analyze(result: dict[str, Any]) -> dict[str, Any]:
 
 def _speedups(rows, base: str, clock: str) -> dict[str, dict[str, dict[str, float]]]:
     """Speedup of every method over ``base`` per part, from wall (``clock=""``) or CPU (``"cpu_"``) times."""
-    med, q1, q3 = f"{clock}median_s", f"{clock}q1_s", f"{clock}q3_s"
+    med, samples = f"{clock}median_s", f"{clock}samples"
     out: dict[str, dict[str, dict[str, float]]] = {}
     for m, parts in rows.items():
         if m == base:
@@ -90,9 +92,11 @@ def _speedups(rows, base: str, clock: str) -> dict[str, dict[str, dict[str, floa
                 continue
             measured = b[med] / r[med]
             pred = b["flops"] / r["flops"]
+            # range: per-round ratios -- both ran in the same round, so load shared by the round cancels
+            paired = [x / y for x, y in zip(b.get(samples, []), r.get(samples, [])) if y > 0]
             out.setdefault(m, {})[part] = {
                 "measured": measured, "predicted": pred, "efficiency": measured / pred,
-                "low": b[q1] / r[q3], "high": b[q3] / r[q1],
+                "low": min(paired, default=measured), "high": max(paired, default=measured), "per_round": paired,
             }
     return out
 
@@ -183,7 +187,7 @@ def to_markdown(result: dict[str, Any], analysis: dict[str, Any]) -> str:
                                + (f", {rows[m][p]['gflops_per_s']:.3g} GFLOP/s" if rows[m][p]["gflops_per_s"] else "")
                                if p in rows[m] else "-") for m in methods]] for p in parts]),
         "",
-        f"## Speedup against {base}: measured (quartile range) / FLOP-predicted = efficiency",
+        f"## Speedup against {base}: measured (range over rounds) / FLOP-predicted = efficiency",
         "",
     ]
     md += [_speedup_table(analysis["speedups"], methods), ""]
@@ -276,7 +280,7 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set_xticks(x2 + width2 * (len(others) - 1) / 2, [LABELS[p] for p in sp_parts], rotation=30, ha="right")
     ax2.set_ylabel(f"speedup vs {base}")
-    ax2.set_title(f"measured (bars, quartile range) vs predicted (black) speedup over {base}")
+    ax2.set_title(f"measured (bars; range of per-round ratios) vs predicted (black) speedup over {base}")
     ax2.legend(fontsize=8)
     cfg, env = result["config"], result["environment"]
     fig.suptitle(f"laco bench: {cfg['vision']} + {cfg['llm']}, batch {cfg['work']['batch_size']}, "
