@@ -244,3 +244,34 @@ def test_bench_tiny_cuda_bf16(tmp_path):
     assert result["config"]["dtype"] == "bfloat16" and result["environment"]["memory_kind"] == "cuda_max_allocated"
     assert all(r["time"]["median"] > 0 and r["memory"]["peak"] > 0 for r in result["measured"])
     assert write_report(result, tmp_path)["json"].exists()
+
+
+def test_analyze_speedups_pair_rounds_and_targets():
+    from laco.bench.report import analyze
+
+    def rec(method, part, times):
+        return {"method": method, "part": part, "time": summarize(times), "cpu_time": summarize(times)}
+
+    result = {
+        "config": {"baseline": "laco@post", "work": {"batch_size": 1, "new_tokens": 4}},
+        "environment": {"device_type": "cpu"},
+        "models": {"laco@post": {"merge_layers": [4], "encoder_layers": 4},
+                   "laco@1": {"merge_layers": [1], "encoder_layers": 4}},
+        "predicted": {"laco@post": {"encoder": 300, "encode_prefill": 600},
+                      "laco@1": {"encoder": 100, "encode_prefill": 400, "compressor": 1}},
+        # round 2 is slow for both methods (shared load): pairing by round cancels it
+        "measured": [rec("laco@post", "encoder", [3.0, 9.0, 3.0]), rec("laco@1", "encoder", [1.5, 4.5, 1.2]),
+                     rec("laco@post", "encode_prefill", [6.0, 6.0, 6.0]),
+                     rec("laco@1", "encode_prefill", [5.0, 5.0, 5.0]),
+                     rec("laco@1", "compressor", [0.1, 0.1, 0.1])],
+    }
+    a = analyze(result)
+    enc = a["speedups"]["laco@1"]["encoder"]
+    assert enc["measured"] == pytest.approx(3.0 / 1.5) and enc["predicted"] == pytest.approx(3.0)
+    assert enc["efficiency"] == pytest.approx(2.0 / 3.0)
+    assert enc["per_round"] == pytest.approx([2.0, 2.0, 2.5]) and (enc["low"], enc["high"]) == (2.0, 2.5)
+    assert a["compressor_share"]["laco@1"] == pytest.approx(0.1 / 1.5)
+    met = {t["target"]: t["met"] for t in a["targets"]}
+    assert met["encode + prefill speedup >= 1.20x"] is True  # 6/5
+    assert met["encode + prefill: measured/predicted >= 0.90"] is False  # 1.2 / 1.5 = 0.8
+    assert met["merge time <= 2% of encoder time"] is False
