@@ -275,3 +275,14 @@ def test_analyze_speedups_pair_rounds_and_targets():
     assert met["encode + prefill speedup >= 1.20x"] is True  # 6/5
     assert met["encode + prefill: measured/predicted >= 0.90"] is False  # 1.2 / 1.5 = 0.8
     assert met["merge time <= 2% of encoder time"] is False
+
+
+def test_predictions_scale_with_batch_and_images(tiny_pred):
+    cfg = BenchConfig(vision="tiny-siglip", llm="tiny-qwen2", methods="laco@1",
+                      work=Workload(batch_size=2, images_per_sample=2, text_tokens=8, new_tokens=2))
+    p, one = predict_all(cfg)["laco@1"], tiny_pred["laco@1"]
+    assert p["sequence_length"] == 2 * 16 + 8
+    assert p["encoder"] == 4 * one["encoder"] and p["projector"] == 4 * one["projector"]  # 4 images
+    seq = 40  # prefill of 2 samples of 40 tokens each, LM head on the last position
+    llm = 2 * (2 * seq * 32 * 96 + 2 * seq * 32 * 64 * 3) + 2 * (4 * seq * seq * 32)
+    assert p["prefill"] == 2 * (llm + HEAD1)
