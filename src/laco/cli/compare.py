@@ -31,7 +31,11 @@ def compare(
     from laco.experiments.compare import METHODS, load_preset, run_compare
     from laco.experiments.report import print_table
 
-    console = Console()
+    import sys
+
+    # rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`): the 10-column
+    # tables would be cut to "meth…", so give files and pipes a wide console
+    console = Console() if sys.stdout.isatty() else Console(width=180)
     if list_methods:
         for name, spec in METHODS.items():
             console.print(f"{name:20s} {spec.compressor} @ {spec.layer}")
