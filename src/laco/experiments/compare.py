@@ -430,16 +430,6 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def set_trainable(model, groups: list[str]) -> list[nn.Parameter]:
-    """Freeze everything but the named parameter groups ("compressor", "projector", "llm", "encoder")."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p for g, ps in model.parameter_groups().items() if g in groups for p in ps]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
 def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, start: int, data: TokenizedSplit,
                 steps: int, lr: float, preset: ComparePreset, seed: int, desc: str) -> float:
     """AdamW + warmup/cosine on cached states (``hidden`` None: text only). Returns samples/s of these steps."""
@@ -632,6 +622,8 @@ def _meta_like(module):
 
 def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> tuple[dict[str, Any], Any]:
     """One (method, seed, scenario) run -> (result row, trained model)."""
+    from laco.train import freeze_for_stage
+
     p, spec = ctx.preset, METHODS[name]
     tag = f"{scenario} {name} s{seed}"
     model = build_model(spec, p, ctx.encoder, ctx.llm, ctx.tok, seed)
@@ -650,14 +642,19 @@ def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> 
                            "layer": spec.layer, "merge_layer": start if spec.compressor != "none" else None}
     t0 = time.perf_counter()
     if scenario == "train":
-        params = set_trainable(model, ["compressor", "projector"])
+        params = freeze_for_stage(model, ["compressor", "projector"])
         sps1 = train_steps(model, params, h_train, start, train, p.stage1_steps, p.lr_stage1, p, seed, f"{tag} stage 1")
-        params = set_trainable(model, ["compressor", "projector", "llm"])
+        params = freeze_for_stage(model, ["compressor", "projector", "llm"])
         sps2 = train_steps(model, params, h_train, start, train, p.stage2_steps, p.lr_stage2, p, seed + 1, f"{tag} stage 2")
         row["cached_train_samples_per_s"] = round(sps2, 1)
     else:
         row["before"] = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.eval_limit)
-        params = set_trainable(model, ["compressor"])
+        # parameter-free compressors (avg_pool, tome) have nothing to retrofit: freeze all, train nothing
+        if any(True for _ in model.vision_tower.compressors.parameters()):
+            params = freeze_for_stage(model, ["compressor"])
+        else:
+            model.requires_grad_(False)
+            params = []
         sps = train_steps(model, params, h_train, start, train, p.retrofit_steps, p.lr_retrofit, p, seed, f"{tag}")
         row["cached_train_samples_per_s"] = None if math.isnan(sps) else round(sps, 1)
     row["train_seconds"] = round(time.perf_counter() - t0, 1)
