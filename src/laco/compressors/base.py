@@ -31,7 +31,11 @@ _REGISTRY: dict[str, Callable[..., "Compressor"]] = {}
 
 
 class Compressor(nn.Module):
-    """Base class: subclasses implement ``compress`` and ``compress_flops``."""
+    """Base class: subclasses implement ``compress`` and ``compress_flops``.
+
+    A subclass whose own work already contains the shortcut's (the PML: the average is a view of
+    its space-to-channel tensor) overrides ``forward`` instead of ``compress``.
+    """
 
     #: whether the output tokens form an (h, w) grid in raster order (False for ToMe)
     grid_output: bool = True

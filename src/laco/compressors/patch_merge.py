@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from laco.compressors.base import Compressor, linear_flops, register_compressor
-from laco.ops import Grid, space_to_channel
+from laco.ops import Grid, channel_average, check_tokens, space_to_channel
 
 
 class PatchMergeLayer(Compressor):
@@ -62,9 +62,15 @@ class PatchMergeLayer(Compressor):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-    def compress(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
-        z, new_grid = space_to_channel(x, grid, self.ratio, self.pad)  # (B, h*w, r*r*C)
-        return self.proj(z), new_grid  # (B, h*w, C)
+    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        # the paper's form: both branches read the one space-to-channel tensor, so padding and the
+        # rearrangement run once (the base class would pool x a second time for the shortcut)
+        check_tokens(x, grid, dim=self.dim)
+        z, new_grid = space_to_channel(x, tuple(grid), self.ratio, self.pad)  # (B, h*w, r*r*C)
+        y = self.proj(z)  # (B, h*w, C)
+        if self.residual:
+            y = y + channel_average(z, self.ratio)  # == r x r average pooling of x
+        return y, new_grid
 
     def compress_flops(self, grid: Grid) -> int:
         n = self.num_tokens(grid)

@@ -6,6 +6,7 @@ from laco.ops.grid import (
     PAD_POLICIES,
     Grid,
     PadPolicy,
+    channel_average,
     channel_to_space,
     check_ratio,
     check_tokens,
@@ -22,7 +23,7 @@ from laco.ops.grid import (
 )
 
 __all__ = [
-    "LAYOUT", "LAYOUTS", "PAD_POLICIES", "Grid", "PadPolicy", "channel_to_space", "check_ratio",
+    "LAYOUT", "LAYOUTS", "PAD_POLICIES", "Grid", "PadPolicy", "channel_average", "channel_to_space", "check_ratio",
     "check_tokens", "convert_layout", "join_prefix", "map_to_tokens", "merged_grid", "pad_grid",
     "padded_grid", "pool_tokens", "space_to_channel", "split_prefix", "tokens_to_map",
 ]

@@ -141,15 +141,23 @@ def channel_to_space(z: torch.Tensor, grid: Grid, ratio: int = 2) -> tuple[torch
     return g.reshape(b, h * r * w * r, c), (h * r, w * r)
 
 
+def channel_average(z: torch.Tensor, ratio: int) -> torch.Tensor:
+    """LaCo's channel averaging: mean of the r*r offset groups of merged tokens. (B, n, r*r*C) -> (B, n, C).
+
+    On ``space_to_channel`` output this is r x r average pooling of the grid (see ``pool_tokens``).
+    """
+    b, n, rrc = z.shape
+    return z.view(b, n, ratio * ratio, rrc // (ratio * ratio)).mean(dim=2)
+
+
 def pool_tokens(x: torch.Tensor, grid: Grid, ratio: int = 2, pad: PadPolicy = "replicate") -> tuple[torch.Tensor, Grid]:
     """r x r average pooling of the token grid. (B, H*W, C) -> (B, (H/r)*(W/r), C).
 
-    Computed as the mean of the r*r offset groups of ``space_to_channel`` -- LaCo's
-    parameter-free "channel averaging" shortcut. Tests prove it equals ``F.avg_pool2d``.
+    Computed as ``channel_average(space_to_channel(x))`` -- LaCo's parameter-free shortcut.
+    Tests prove it equals ``F.avg_pool2d``.
     """
     z, new = space_to_channel(x, grid, ratio, pad)
-    b, n, rrc = z.shape
-    return z.view(b, n, ratio * ratio, rrc // (ratio * ratio)).mean(dim=2), new
+    return channel_average(z, ratio), new
 
 
 def _layout_perm(c: int, r: int, src: str, dst: str) -> torch.Tensor:
