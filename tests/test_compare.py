@@ -178,3 +178,54 @@ def test_cli_reports_bad_methods_in_one_line():
     r = subprocess.run([sys.executable, "-c", "from laco.cli import main; main()", "compare", "--methods", "nope"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_merge_parts_run_per_seed(smoke_results, tmp_path):
+    """Seeds run as separate processes merge into one table whose mean/std span all seeds."""
+    results, out = smoke_results
+    other = json.loads((out / "results.json").read_text())
+    for r in other["runs"]:  # the same runs relabelled as seed 7, accuracy shifted so the std is known
+        r["seed"] = 7
+        r["after"] = {**r["after"], "accuracy": r["after"]["accuracy"] + 2.0}
+    other["config"]["seeds"], other["config"]["threads"] = [7], 2
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    merged = C.merge_results([out, tmp_path / "b"], command="laco compare --merge a --merge b")
+    assert merged["config"]["seeds"] == [0, 7] and len(merged["runs"]) == 2 * len(results["runs"])
+    row = next(r for r in merged["table"] if (r["scenario"], r["method"]) == ("train", "laco@1/4"))
+    one = next(r for r in results["table"] if (r["scenario"], r["method"]) == ("train", "laco@1/4"))
+    assert row["seeds"] == 2 and row["acc_mean"] == pytest.approx(one["acc_mean"] + 1.0, abs=0.01)
+    assert row["acc_std"] == pytest.approx(2.0 ** 0.5, abs=0.01)
+    assert merged["timings_s"]["total_s"] == pytest.approx(2 * results["timings_s"]["total_s"], abs=0.2)
+    from laco.experiments.report import markdown
+
+    assert "Merged from 2 runs" in markdown(merged)
+
+    with pytest.raises(ValueError, match="repeats .* seed 0, already in another part"):
+        C.merge_results([out, out])
+    other["config"]["stage2_steps"] += 1
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="differ in stage2_steps"):
+        C.merge_results([out, tmp_path / "b"])
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        C.merge_results([out, tmp_path / "missing"])
+
+
+def test_cli_merge_writes_the_merged_report(smoke_results, tmp_path):
+    from typer.testing import CliRunner
+
+    from laco.cli import app
+
+    _, out = smoke_results
+    other = json.loads((out / "results.json").read_text())
+    for r in other["runs"]:
+        r["seed"] = 1
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    res = CliRunner().invoke(app, ["compare", "--merge", str(out), "--merge", str(tmp_path / "b"),
+                                   "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["config"]["seeds"] == [0, 1] and (tmp_path / "m" / "acc_vs_flops.png").is_file()
+    res = CliRunner().invoke(app, ["compare", "--merge", str(out), "--merge", str(tmp_path / "b")])
+    assert res.exit_code != 0 and "--merge needs --out" in str(res.exception)

@@ -21,6 +21,8 @@ def compare(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: the preset's, 2); 1 can be faster on a busy machine"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="data + pretrained encoder cache (default: $LACO_CACHE or ~/.cache/laco)"),
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
+    merge: Optional[list[Path]] = typer.Option(None, "--merge", help="results folders of runs that differ only in "
+                                               "their seeds (repeat the option): merge into --out, run nothing"),
 ) -> None:
     """Compare LaCo with external and in-encoder compression on the embedded scenes; writes JSON, markdown, PNGs."""
     import shlex
@@ -28,10 +30,8 @@ def compare(
 
     from rich.console import Console
 
-    from laco.experiments.compare import METHODS, load_preset, run_compare
-    from laco.experiments.report import print_table
-
-    import sys
+    from laco.experiments.compare import METHODS, load_preset, merge_results, run_compare
+    from laco.experiments.report import print_table, write_report
 
     # rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`): the 10-column
     # tables would be cut to "meth…", so give files and pipes a wide console
@@ -39,6 +39,15 @@ def compare(
     if list_methods:
         for name, spec in METHODS.items():
             console.print(f"{name:20s} {spec.compressor} @ {spec.layer}")
+        return
+    command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if merge:
+        if out is None:
+            raise ValueError("--merge needs --out, the folder to write the merged results to")
+        results = merge_results(merge, command=command)
+        write_report(results, out)
+        print_table(results, console)
+        console.print(f"merged {len(merge)} runs (seeds {results['config']['seeds']}): {out / 'results.md'}")
         return
     if config is not None:  # a config file may name its preset
         import yaml
@@ -58,7 +67,6 @@ def compare(
     p = load_preset(preset, config, methods=split(methods), scenarios=split(scenarios), seeds=seed_list, threads=threads,
                     cache_dir=str(cache_dir) if cache_dir else None)
     out = out or Path("laco-results") / "compare" / p.name
-    command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     console.print(f"[bold]laco compare[/bold]: preset {p.name}, {len(p.methods)} methods x {p.scenarios} x seeds {p.seeds} -> {out}")
     results = run_compare(p, out, command=command, log=console.print)
     print_table(results, console)

@@ -811,3 +811,58 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "train_samples_per_s": med("train_samples_per_s"), "infer_samples_per_s": med("infer_samples_per_s"),
         })
     return table
+
+
+# -- merging runs -----------------------------------------------------------------------------------
+# fields that may differ between parts of one experiment: which seeds a part ran, how it ran them
+_PER_PART_FIELDS = ("seeds", "threads", "cache_dir")
+
+
+def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) -> dict[str, Any]:
+    """One ``results.json`` from runs that differ only in their seeds (e.g. one process or machine per seed).
+
+    Every seed is independent (its retrofit base is its own ``none`` model), so the parts concatenate;
+    the table is re-aggregated over all seeds. Refuses parts whose preset, data, encoder or any other
+    setting differ, and any (scenario, method, seed) that two parts both ran.
+    """
+    if len(dirs) < 2:
+        raise ValueError(f"merging needs at least two results folders, got {len(dirs)}")
+    parts = []
+    for d in dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results.json in {d}")
+        parts.append((path, json.loads(path.read_text())))
+
+    def same(results: dict[str, Any]) -> dict[str, Any]:
+        cfg = {k: v for k, v in results["config"].items() if k not in _PER_PART_FIELDS}
+        return {"preset": results["preset"], "config": cfg, "data_source": results["data_source"],
+                "encoder": results["encoder"]}
+
+    ref_path, ref = parts[0]
+    for path, res in parts[1:]:
+        a, b = same(ref), same(res)
+        diff = sorted(k for k in a["config"] if a["config"][k] != b["config"].get(k))
+        diff += [k for k in ("preset", "data_source", "encoder") if a[k] != b[k]]
+        if diff:
+            raise ValueError(f"cannot merge {path} into {ref_path}: they differ in {', '.join(diff)}")
+    runs, seen = [], set()
+    for path, res in parts:
+        for r in res["runs"]:
+            key = (r["scenario"], r["method"], r["seed"])
+            if key in seen:
+                raise ValueError(f"{path} repeats {key[0]} {key[1]} seed {key[2]}, already in another part")
+            seen.add(key)
+            runs.append(r)
+    seeds = sorted({r["seed"] for r in runs})
+    timings: dict[str, float] = {}
+    for _, res in parts:  # serial-equivalent work: the parts' wall times summed
+        for k, v in res["timings_s"].items():
+            timings[k] = round(timings.get(k, 0.0) + v, 1)
+    return {
+        **ref, "config": {**ref["config"], "seeds": seeds}, "timings_s": timings, "command": command,
+        "merged_from": [{"dir": str(Path(d)), "command": res.get("command"), "seeds": res["config"]["seeds"],
+                         "timings_s": res["timings_s"], "environment": res["environment"]}
+                        for d, (_, res) in zip(dirs, parts)],
+        "runs": runs, "table": aggregate(runs),
+    }

@@ -97,7 +97,13 @@ def markdown(results: dict[str, Any]) -> str:
                 "Accuracy per task (%):", "", _md_table(*task_rows(results, scenario)), ""]
     out += ["![accuracy vs encoder FLOPs](acc_vs_flops.png)", "", "![accuracy vs depth](acc_vs_depth.png)", ""]
     t = results["timings_s"]
-    out += [f"Wall time: {t.get('total_s', 0):.0f} s (data {t.get('data_s', 0):.0f} s, encoder "
+    parts = results.get("merged_from") or []
+    if parts:
+        out += [f"Merged from {len(parts)} runs (`laco compare --merge`); times below are their sum. Parts:", ""]
+        out += [f"- seeds {p['seeds']}: `{p['command']}` ({p['timings_s'].get('total_s', 0):.0f} s, "
+                f"{p['environment']['threads']} threads)" for p in parts]
+        out += [""]
+    out += [f"{'Summed' if parts else 'Wall'} time: {t.get('total_s', 0):.0f} s (data {t.get('data_s', 0):.0f} s, encoder "
             f"{t.get('encoder_s', 0):.0f} s, LLM text pretraining {t.get('llm_pretrain_s', 0):.0f} s, "
             f"feature cache {t.get('cache_s', 0):.0f} s).", ""]
     if results.get("command"):
