@@ -229,3 +229,26 @@ def test_cli_merge_writes_the_merged_report(smoke_results, tmp_path):
     assert merged["config"]["seeds"] == [0, 1] and (tmp_path / "m" / "acc_vs_flops.png").is_file()
     res = CliRunner().invoke(app, ["compare", "--merge", str(out), "--merge", str(tmp_path / "b")])
     assert res.exit_code != 0 and "--merge needs --out" in str(res.exception)
+
+
+def test_one_pass_exact_match_equals_greedy_generation(tmp_path):
+    """compare's teacher-forced score equals decoding every test question with ``model.generate``."""
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path), methods=["none", "laco@1/4"], stage2_steps=40)
+    ctx = C.prepare(preset, log=lambda *a: None)
+    _, model = C.run_method(ctx, "laco@1/4", 0, "train")
+    start, data = C.start_layer(model), ctx.splits[("test", model.num_image_tokens)]
+    n = 24
+    one_pass = C.evaluate_cached(model, ctx.hidden["test"][start], start, data, batch_size=8, limit=n)
+    correct = torch.zeros(n, dtype=torch.bool)
+    for i in range(n):
+        ids = data.input_ids[i][data.attention_mask[i].bool()]
+        scored = data.labels[i][data.attention_mask[i].bool()] != -100
+        first = int(scored.nonzero()[0])
+        reference = ids[scored]  # the answer tokens, then <|im_end|>
+        pixels = P.to_pixel_values(ctx.ds.scenes["test"].images[[int(data.image_index[i])]])
+        out = model.generate(input_ids=ids[None, :first], attention_mask=torch.ones(1, first, dtype=torch.long),
+                             pixel_values=pixels, max_new_tokens=len(reference), do_sample=False)
+        correct[i] = out[0, first:].tolist() == reference.tolist()
+    decoded = C.summarize(correct, data.task[:n], data.turn[:n])
+    assert 0 < decoded["accuracy"] < 100  # some right, some wrong: the comparison can fail both ways
+    assert one_pass == decoded
