@@ -286,3 +286,25 @@ def test_predictions_scale_with_batch_and_images(tiny_pred):
     seq = 40  # prefill of 2 samples of 40 tokens each, LM head on the last position
     llm = 2 * (2 * seq * 32 * 96 + 2 * seq * 32 * 64 * 3) + 2 * (4 * seq * seq * 32)
     assert p["prefill"] == 2 * (llm + HEAD1)
+
+
+def test_training_cases_train_exactly_their_stage():
+    """Each timed step sets its own model's trainable set (the methods share the encoder and the LLM)."""
+    import torch
+
+    from laco.bench.runner import _optimizer, build_models, make_inputs, method_cases
+
+    cfg = BenchConfig(vision="tiny-siglip", llm="tiny-qwen2", methods="none,laco@1/4",
+                      work=Workload(batch_size=1, text_tokens=4), parts=("train_stage1", "train_stage2"))
+    models = build_models(cfg)
+    opt = _optimizer(models, 1e-3)
+    gen = torch.Generator().manual_seed(0)
+    cases = {(name, c.part): c for name, m in models.items()
+             for c in method_cases(name, m, make_inputs(m, cfg.work, torch.device("cpu"), torch.float32, gen),
+                                   cfg.work, cfg.parts, opt)}
+    for name in ("laco@1/4", "none", "laco@1/4"):  # stage 2 of one method, then stage 1 of another
+        for stage, groups in (("train_stage2", {"compressor", "encoder", "projector", "llm"}),
+                              ("train_stage1", {"compressor", "projector"})):
+            cases[(name, stage)].fn()
+            for group, params in models[name].parameter_groups().items():
+                assert all(p.requires_grad == (group in groups) for p in params), (name, stage, group)

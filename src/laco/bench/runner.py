@@ -33,6 +33,7 @@ from torch import nn
 from laco.bench.flops import STAGES, Workload, predict
 from laco.bench.presets import MethodSpec, llm_config, parse_methods
 from laco.bench.timers import Case, Splits, Timer, environment, run_cases
+from laco.train.loop import freeze_for_stage
 
 PARTS = ("encoder", "compressor", "projector", "prefill", "encode_prefill", "decode", "generate",
          "train_stage1", "train_stage2")
@@ -185,18 +186,7 @@ def _compressor_inputs(model: nn.Module, pixel_values: torch.Tensor) -> list[tup
     return captured
 
 
-def _set_trainable(models: dict[str, nn.Module], model: nn.Module, stage: str) -> None:
-    """Freeze everything of every model, then unfreeze ``stage``'s groups of ``model``."""
-    trains = STAGES[stage]
-    for m in models.values():
-        for p in m.parameters():
-            p.requires_grad_(False)
-    for group, params in model.parameter_groups().items():
-        for p in params:
-            p.requires_grad_(group in trains)
-
-
-def method_cases(name: str, model: nn.Module, models: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
+def method_cases(name: str, model: nn.Module, inputs: dict[str, torch.Tensor],
                  work: Workload, parts: tuple[str, ...], optimizer: torch.optim.Optimizer | None) -> list[Case]:
     """The timed cases of one method (only the requested parts; ``compressor`` only if it has merges)."""
     px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
@@ -267,7 +257,8 @@ def method_cases(name: str, model: nn.Module, models: dict[str, nn.Module], inpu
             optimizer.zero_grad(set_to_none=True)
 
         def step(stage=stage):
-            _set_trainable(models, model, stage)
+            # the methods share the encoder and LLM modules: set requires_grad for this one before each step
+            freeze_for_stage(model, sorted(STAGES[stage]))
             model.train()
             # timed in two phases (the optimizer is memory-bound work the FLOP model does not count)
             return Splits(forward_backward=timer.time(forward_backward)[0], optimizer=timer.time(optimizer_step)[0])
@@ -324,7 +315,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, command: str | Non
     cases, predicted, info = [], {}, {}
     for name, model in models.items():
         inputs = make_inputs(model, cfg.work, device, dtype, gen)
-        cases += method_cases(name, model, models, inputs, cfg.work, cfg.parts, optimizer)
+        cases += method_cases(name, model, inputs, cfg.work, cfg.parts, optimizer)
         include_prefix = model.config.vision_feature_select_strategy == "full"
         predicted[name] = predict(model.vision_tower, model.projector, model.config.text_config, cfg.work,
                                   model.config.image_size, include_prefix)
