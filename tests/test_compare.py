@@ -199,7 +199,9 @@ def test_merge_parts_run_per_seed(smoke_results, tmp_path):
     assert merged["timings_s"]["total_s"] == pytest.approx(2 * results["timings_s"]["total_s"], abs=0.2)
     from laco.experiments.report import markdown
 
-    assert "Merged from 2 runs" in markdown(merged)
+    assert "Merged from 2 runs" in markdown(merged) and "Paired differences" in markdown(merged)
+    pair = next(c for c in merged["contrasts"] if (c["scenario"], c["a"], c["b"]) == ("train", "laco@1/4", "ext_laco"))
+    assert pair["seeds"] == [0, 7]
 
     with pytest.raises(ValueError, match="repeats .* seed 0, already in another part"):
         C.merge_results([out, out])
@@ -252,3 +254,19 @@ def test_one_pass_exact_match_equals_greedy_generation(tmp_path):
     decoded = C.summarize(correct, data.task[:n], data.turn[:n])
     assert 0 < decoded["accuracy"] < 100  # some right, some wrong: the comparison can fail both ways
     assert one_pass == decoded
+
+
+def test_contrasts_pair_seeds():
+    def run(method, seed, acc, scenario="train"):
+        return {"scenario": scenario, "method": method, "seed": seed, "after": {"accuracy": acc}}
+
+    runs = [run("laco@1/4", 0, 50.0), run("laco@1/4", 1, 52.0), run("laco@1/4", 2, 47.0),
+            run("pixel_shuffle@1/4", 0, 30.0), run("pixel_shuffle@1/4", 1, 40.0), run("pixel_shuffle@1/4", 2, 49.0),
+            run("ext_laco", 0, 60.0), run("ext_laco", 2, 58.0),  # seed 1 missing: paired over 0 and 2 only
+            run("laco@1/4", 0, 40.0, "readout")]
+    got = {(c["scenario"], c["a"], c["b"]): c for c in C.contrasts(runs)}
+    c = got[("train", "laco@1/4", "pixel_shuffle@1/4")]
+    assert c["diffs"] == [20.0, 12.0, -2.0] and c["mean"] == pytest.approx(10.0) and c["verdict"] == "mixed across seeds"
+    c = got[("train", "laco@1/4", "ext_laco")]
+    assert c["seeds"] == [0, 2] and c["diffs"] == [-10.0, -11.0] and c["verdict"] == "ext_laco higher on every seed"
+    assert set(got) == {("train", "laco@1/4", "pixel_shuffle@1/4"), ("train", "laco@1/4", "ext_laco")}

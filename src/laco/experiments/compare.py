@@ -778,7 +778,7 @@ def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: s
         "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                         "machine": platform.machine()},
-        "command": command, "runs": runs, "table": aggregate(runs),
+        "command": command, "runs": runs, "table": aggregate(runs), "contrasts": contrasts(runs),
     }
     from laco.experiments.report import write_report
 
@@ -811,6 +811,35 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "train_samples_per_s": med("train_samples_per_s"), "infer_samples_per_s": med("infer_samples_per_s"),
         })
     return table
+
+
+# the questions the experiment asks, as (A, B): is A better than B, seed for seed?
+CONTRASTS = (
+    ("laco@1/4", "pixel_shuffle@1/4"),  # does the shortcut matter inside the encoder?
+    ("laco@1/4", "ext_laco"),  # what does merging early cost, against LaCo after the encoder?
+    ("laco@1/4", "ext_pixel_shuffle"),  # ... against the usual post-encoder pixel shuffle?
+    ("ext_laco", "ext_pixel_shuffle"),  # does the shortcut matter after the encoder?
+)
+
+
+def contrasts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired accuracy differences A - B per scenario, over the seeds both ran (a seed shares data order
+    and projector init across methods, so pairing removes that part of the seed noise)."""
+    acc = {(r["scenario"], r["method"], r["seed"]): r["after"]["accuracy"] for r in runs}
+    out = []
+    for scenario in SCENARIOS:
+        for a, b in CONTRASTS:
+            seeds = sorted(s for (sc, m, s) in acc if sc == scenario and m == a and (scenario, b, s) in acc)
+            if not seeds:
+                continue
+            d = [round(acc[(scenario, a, s)] - acc[(scenario, b, s)], 2) for s in seeds]
+            verdict = (f"{a} higher on every seed" if min(d) > 0 else f"{b} higher on every seed" if max(d) < 0
+                       else "mixed across seeds")
+            out.append({"scenario": scenario, "a": a, "b": b, "seeds": seeds, "diffs": d,
+                        "mean": round(statistics.mean(d), 2),
+                        "std": round(statistics.stdev(d), 2) if len(d) > 1 else 0.0,
+                        "verdict": verdict if len(d) > 1 else "one seed"})
+    return out
 
 
 # -- merging runs -----------------------------------------------------------------------------------
@@ -864,5 +893,5 @@ def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) 
         "merged_from": [{"dir": str(Path(d)), "command": res.get("command"), "seeds": res["config"]["seeds"],
                          "timings_s": res["timings_s"], "environment": res["environment"]}
                         for d, (_, res) in zip(dirs, parts)],
-        "runs": runs, "table": aggregate(runs),
+        "runs": runs, "table": aggregate(runs), "contrasts": contrasts(runs),
     }

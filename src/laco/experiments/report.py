@@ -95,6 +95,12 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         out += [f"## Scenario: {scenario}", "", SCENARIO_TEXT[scenario], "", _md_table(*table_rows(results, scenario)), "",
                 "Accuracy per task (%):", "", _md_table(*task_rows(results, scenario)), ""]
+    pairs = results.get("contrasts") or []
+    if pairs:
+        out += ["## Paired differences (A - B, accuracy points, same seed)", "",
+                _md_table(["scenario", "A", "B", "mean ± std", "per seed", "verdict"],
+                          [[c["scenario"], c["a"], c["b"], _fmt(c["mean"], c["std"], len(c["seeds"])),
+                            ", ".join(f"{x:+.1f}" for x in c["diffs"]), c["verdict"]] for c in pairs]), ""]
     out += ["![accuracy vs encoder FLOPs](acc_vs_flops.png)", "", "![accuracy vs depth](acc_vs_depth.png)", ""]
     t = results["timings_s"]
     parts = results.get("merged_from") or []
