@@ -758,6 +758,7 @@ def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: s
         if not mllm:
             continue
         base_row, base = run_method(ctx, "none", seed, "train")
+        log(f"  train    {'none':18s} seed {seed}: acc {base_row['after']['accuracy']:.1f} (the retrofit base)")
         if "train" in preset.scenarios and "none" in preset.methods:
             runs.append(base_row)
         if "retrofit" in preset.scenarios and "none" in preset.methods:
