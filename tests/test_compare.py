@@ -270,3 +270,16 @@ def test_contrasts_pair_seeds():
     c = got[("train", "laco@1/4", "ext_laco")]
     assert c["seeds"] == [0, 2] and c["diffs"] == [-10.0, -11.0] and c["verdict"] == "ext_laco higher on every seed"
     assert set(got) == {("train", "laco@1/4", "pixel_shuffle@1/4"), ("train", "laco@1/4", "ext_laco")}
+
+
+def test_learning_curve_ends_at_the_final_accuracy(tmp_path):
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path / "cache"), methods=["none", "laco@1/4"], scenarios=["train"],
+                           stage2_steps=4, curve_every=3, curve_limit=None)
+    results = C.run_compare(preset, tmp_path / "out", log=lambda *a: None)
+    for r in results["runs"]:
+        # points after stage-2 steps 3 and 4 (the last), counted from the start of stage 1
+        assert [s for s, _ in r["curve"]] == [preset.stage1_steps + 3, preset.stage1_steps + 4]
+        assert r["curve"][-1][1] == r["after"]["accuracy"]
+    assert all(row["curve"] for row in results["table"]) and (tmp_path / "out" / "acc_vs_step.png").is_file()
+    with pytest.raises(ValueError, match="curve_every"):
+        C.load_preset("smoke", curve_every=-1)

@@ -48,7 +48,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -143,6 +143,8 @@ class ComparePreset:
     # evaluation and timing
     eval_limit: int | None = None  # test questions (None: all)
     eval_batch_size: int = 128
+    curve_every: int = 0  # train scenario: test accuracy every N stage-2 steps (0: off) -> acc_vs_step.png
+    curve_limit: int | None = 600  # test questions per curve point (None: all)
     timing_batches: int = 3  # uncached batches timed per method (median reported)
     timing_batch_size: int = 32
     cache_dtype: str = "float32"  # hidden-state cache; "float16" halves its memory
@@ -163,6 +165,8 @@ class ComparePreset:
             raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
         if self.pretrain.data.canvas != self.data.canvas:
             raise ValueError(f"pretrain.data.canvas {self.pretrain.data.canvas} != data.canvas {self.data.canvas}")
+        if self.curve_every < 0:
+            raise ValueError(f"curve_every must be >= 0 (0: no learning curve), got {self.curve_every}")
         for k in ("batch_size", "eval_batch_size", "timing_batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -431,8 +435,12 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, start: int, data: TokenizedSplit,
-                steps: int, lr: float, preset: ComparePreset, seed: int, desc: str) -> float:
-    """AdamW + warmup/cosine on cached states (``hidden`` None: text only). Returns samples/s of these steps."""
+                steps: int, lr: float, preset: ComparePreset, seed: int, desc: str,
+                on_step: Callable[[int], None] | None = None) -> float:
+    """AdamW + warmup/cosine on cached states (``hidden`` None: text only). Returns samples/s of these steps.
+
+    ``on_step(n)`` runs after step n (1-based), e.g. to evaluate; its time is not counted in samples/s.
+    """
     from tqdm.auto import tqdm
 
     if steps <= 0 or not params:
@@ -458,6 +466,11 @@ def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, 
         opt.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            t_cb = time.perf_counter()
+            on_step(step + 1)
+            model.train()
+            t0 += time.perf_counter() - t_cb
     model.eval()
     return steps * preset.batch_size / (time.perf_counter() - t0)
 
@@ -645,8 +658,18 @@ def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> 
         params = freeze_for_stage(model, ["compressor", "projector"])
         sps1 = train_steps(model, params, h_train, start, train, p.stage1_steps, p.lr_stage1, p, seed, f"{tag} stage 1")
         params = freeze_for_stage(model, ["compressor", "projector", "llm"])
-        sps2 = train_steps(model, params, h_train, start, train, p.stage2_steps, p.lr_stage2, p, seed + 1, f"{tag} stage 2")
+        curve: list[list[float]] = []
+
+        def record(step: int) -> None:  # test accuracy during stage 2 (a learning curve, not model selection)
+            if p.curve_every and (step % p.curve_every == 0 or step == p.stage2_steps):
+                acc = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.curve_limit)["accuracy"]
+                curve.append([p.stage1_steps + step, acc])
+
+        sps2 = train_steps(model, params, h_train, start, train, p.stage2_steps, p.lr_stage2, p, seed + 1,
+                           f"{tag} stage 2", on_step=record)
         row["cached_train_samples_per_s"] = round(sps2, 1)
+        if curve:
+            row["curve"] = curve
     else:
         row["before"] = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.eval_limit)
         # parameter-free compressors (avg_pool, tome) have nothing to retrofit: freeze all, train nothing
@@ -798,6 +821,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         before = [r["before"]["accuracy"] for r in rs if "before" in r]
         tasks = sorted({t for r in rs for t in r["after"]["per_task"]})
         med = lambda k: statistics.median([r[k] for r in rs]) if all(r.get(k) is not None for r in rs) else None  # noqa: E731
+        curves = [r["curve"] for r in rs if r.get("curve")]
+        same_steps = curves and all([c[0] for c in cur] == [c[0] for c in curves[0]] for cur in curves)
         table.append({
             "scenario": scenario, "method": method, "seeds": len(rs),
             "acc_mean": round(statistics.mean(acc), 2), "acc_std": round(statistics.stdev(acc), 2) if len(acc) > 1 else 0.0,
@@ -810,6 +835,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "visual_tokens": rs[0]["visual_tokens"], "encoder_gflops": rs[0]["encoder_gflops"],
             "encoder_flop_ratio": rs[0]["encoder_flop_ratio"], "trainable_params": rs[0]["trainable_params"],
             "train_samples_per_s": med("train_samples_per_s"), "infer_samples_per_s": med("infer_samples_per_s"),
+            "curve": [[step, round(statistics.mean(c[i][1] for c in curves), 2)] for i, (step, _) in enumerate(curves[0])]
+            if same_steps else None,  # mean over seeds of the stage-2 learning curve
         })
     return table
 

@@ -102,6 +102,8 @@ def markdown(results: dict[str, Any]) -> str:
                           [[c["scenario"], c["a"], c["b"], _fmt(c["mean"], c["std"], len(c["seeds"])),
                             ", ".join(f"{x:+.1f}" for x in c["diffs"]), c["verdict"]] for c in pairs]), ""]
     out += ["![accuracy vs encoder FLOPs](acc_vs_flops.png)", "", "![accuracy vs depth](acc_vs_depth.png)", ""]
+    if any(r.get("curve") for r in results["table"]):
+        out += ["![learning curves](acc_vs_step.png)", ""]
     t = results["timings_s"]
     parts = results.get("merged_from") or []
     if parts:
@@ -173,6 +175,23 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     paths.append(out / "acc_vs_depth.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    curves = [r for r in results["table"] if r["scenario"] == "train" and r.get("curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for r in curves:
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, marker=".", label=r["method"], ls="--" if r["method"].startswith("ext_") else "-")
+        ax.axvline(results["config"]["stage1_steps"], color="gray", lw=0.8)
+        ax.set_xlabel("training step (stage 1 + stage 2)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"laco compare ({results['preset']}), train scenario: learning curves (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        paths.append(out / "acc_vs_step.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
