@@ -899,7 +899,7 @@ def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) 
     ref_path, ref = parts[0]
     for path, res in parts[1:]:
         a, b = same(ref), same(res)
-        diff = sorted(k for k in a["config"] if a["config"][k] != b["config"].get(k))
+        diff = sorted(k for k in a["config"].keys() | b["config"].keys() if a["config"].get(k) != b["config"].get(k))
         diff += [k for k in ("preset", "data_source", "encoder") if a[k] != b[k]]
         if diff:
             raise ValueError(f"cannot merge {path} into {ref_path}: they differ in {', '.join(diff)}")
