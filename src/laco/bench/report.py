@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from laco.io import atomic_write_text
+
 #: issue #5's targets for an inside merge (e.g. laco@1/4) against external compression (laco@post)
 TARGETS = {
     "train_stage1": 1.25, "train_stage2": 1.25, "encode_prefill": 1.20,  # minimum measured speedups
@@ -272,11 +274,10 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
         lo = np.array([sp[m][p]["low"] if p in sp[m] else np.nan for p in sp_parts])
         hi = np.array([sp[m][p]["high"] if p in sp[m] else np.nan for p in sp_parts])
         pred = [sp[m][p]["predicted"] if p in sp[m] else np.nan for p in sp_parts]
-        bars = ax2.bar(x2 + i * width2, meas, width2, yerr=[np.nan_to_num(meas - lo), np.nan_to_num(hi - meas)],
+        ax2.bar(x2 + i * width2, meas, width2, yerr=[np.nan_to_num(meas - lo), np.nan_to_num(hi - meas)],
                        capsize=2, label=f"{m} measured", color=color[m])
         ax2.scatter(x2 + i * width2, pred, marker="_", s=300, color="black", zorder=3,
                     label="FLOP-predicted" if i == 0 else None)
-        del bars
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set_xticks(x2 + width2 * (len(others) - 1) / 2, [LABELS[p] for p in sp_parts], rotation=30, ha="right")
     ax2.set_ylabel(f"speedup vs {base}")
@@ -298,18 +299,6 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def result_stem(result: dict[str, Any]) -> str:
     cfg = result["config"]
     tag = f"{cfg['vision']}_{cfg['llm']}_b{cfg['work']['batch_size']}"
@@ -323,13 +312,13 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, plot_png: bool 
     analysis = analyze(result)
     stem = result_stem(result)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
-    _atomic_write(paths["json"], json.dumps({**result, "analysis": analysis}, indent=1, default=str))
-    _atomic_write(paths["markdown"], to_markdown(result, analysis) + "\n")
+    atomic_write_text(paths["json"], json.dumps({**result, "analysis": analysis}, indent=1, default=str))
+    atomic_write_text(paths["markdown"], to_markdown(result, analysis) + "\n")
     if plot_png:
         paths["png"] = out / f"{stem}.png"
         plot(result, analysis, paths["png"])
     if result.get("profiles"):
         paths["profile"] = out / f"{stem}_profile.txt"
-        _atomic_write(paths["profile"], "\n\n".join(f"## {m}: encoder forward\n{t}"
+        atomic_write_text(paths["profile"], "\n\n".join(f"## {m}: encoder forward\n{t}"
                                                      for m, t in result["profiles"].items()))
     return paths

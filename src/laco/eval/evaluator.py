@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from laco.eval.metrics import list_metrics, score_prediction
+from laco.io import atomic_write_text
 
 __all__ = [
     "EvalRecord", "build_messages", "evaluate", "generate_texts", "load_records", "render_prompt", "summarize",
@@ -227,19 +227,6 @@ def generate_answers(model: Any, processor: Any, records: Sequence[EvalRecord], 
 
 # --- predictions file (resume) --------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """id -> saved prediction. A torn last line (a run killed mid-write) is dropped and the file rewritten."""
     if not path.is_file():
@@ -260,7 +247,7 @@ def _read_predictions(path: Path) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{path}:{i + 1}: corrupt predictions line; delete the file to start over") from None
     clean = "".join(line + "\n" for line in lines if line.strip())
     if clean != text:  # torn or unterminated last line: rewrite so the next append starts a fresh line
-        _atomic_write_text(path, clean)
+        atomic_write_text(path, clean)
     return done
 
 
@@ -390,7 +377,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         **summarize(rows),
     }
-    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _atomic_write_text(out / "summary.md", _markdown(summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", _markdown(summary))
     _plot(summary, out / "summary.png")
     return summary

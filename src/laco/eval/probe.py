@@ -39,6 +39,7 @@ from torch import nn
 from laco.encoders import compress_encoder, resolve_layer
 from laco.encoders.adapters import get_adapter
 from laco.flops import encoder_cost
+from laco.io import atomic_write_text
 from laco.ops import pool_tokens, split_prefix, tokens_to_map
 
 METRICS = ("auto", "cosine", "rel_error", "probe_acc")
@@ -252,18 +253,12 @@ class ProbeResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "png": out / f"{stem}.png"}
-        _atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2) + "\n")
-        _atomic_write_text(paths["markdown"], self.to_markdown())
+        atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(paths["markdown"], self.to_markdown())
         tmp = out / f".{stem}.tmp.png"
         self.plot(tmp)
         tmp.replace(paths["png"])
         return paths
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # -- fidelity ----------------------------------------------------------------------------------------

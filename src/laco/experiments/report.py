@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from laco.io import atomic_write_text
 
 METHOD_LABELS = {
     "none": "none (64 tokens)",
@@ -196,18 +197,12 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(results, indent=2, default=str))
-    _atomic_write(out / "results.md", markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "results.md", markdown(results))
     if results.get("command"):
-        _atomic_write(out / "command.txt", results["command"] + "\n")
+        atomic_write_text(out / "command.txt", results["command"] + "\n")
     plot(results, out)
 
 
