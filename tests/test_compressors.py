@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import laco
-from laco.compressors import PatchMergeLayer, ToMe
+from laco.compressors import CAbstractor, PatchMergeLayer, ToMe
 from laco.compressors.attention import _bipartite_merge
 from laco.ops import pool_tokens
 
@@ -57,16 +57,70 @@ def test_batch_independence(name):
     torch.testing.assert_close(y[1:2], y1, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if laco.create_compressor(n, DIM).grid_output and n != "avg_pool"])
-def test_residual_adds_the_avg_pool_shortcut(name):
+GRID_NAMES = [n for n in ALL if laco.create_compressor(n, DIM).grid_output]
+
+
+def reference_avg_pool(x: torch.Tensor, grid, r: int, pad: str) -> torch.Tensor:
+    """Independent r x r average pooling with the project's padding rule: F.pad then F.avg_pool2d (crop: floor)."""
+    (h, w), b, c = grid, x.shape[0], x.shape[2]
+    m = x.transpose(1, 2).reshape(b, c, h, w)
+    if pad != "crop":
+        extra = (0, -w % r, 0, -h % r)
+        m = F.pad(m, extra, mode="replicate") if pad == "replicate" else F.pad(m, extra)
+    return F.avg_pool2d(m, r).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", [n for n in GRID_NAMES if n != "avg_pool"])
+@settings(max_examples=6, deadline=None)
+@given(h=st.integers(3, 7), w=st.integers(3, 7), r=st.sampled_from([2, 3]), pad=st.sampled_from(["replicate", "zero", "crop"]))
+def test_residual_adds_the_same_avg_pool_shortcut(name, h, w, r, pad):
+    """residual=True adds exactly r x r average pooling (with the same padding) to every grid compressor."""
     torch.manual_seed(0)
-    plain = laco.create_compressor(name, DIM, residual=False)
-    torch.manual_seed(0)
-    with_res = laco.create_compressor(name, DIM, residual=True, **({"zero_init": False} if name in ("laco", "pixel_shuffle") else {}))
+    plain = laco.create_compressor(name, DIM, ratio=r, pad=pad, residual=False)
+    kw = {"zero_init": False} if name in ("laco", "pixel_shuffle") else {}
+    with_res = laco.create_compressor(name, DIM, ratio=r, pad=pad, residual=True, **kw)
     with_res.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 7 * 5, DIM)
-    diff = with_res(x, (7, 5))[0] - plain(x, (7, 5))[0]
-    torch.testing.assert_close(diff, pool_tokens(x, (7, 5), 2)[0], rtol=1e-4, atol=1e-5)
+    x = torch.randn(2, h * w, DIM, dtype=torch.float64)
+    plain, with_res = plain.double(), with_res.double()
+    diff = with_res(x, (h, w))[0] - plain(x, (h, w))[0]
+    torch.testing.assert_close(diff, reference_avg_pool(x, (h, w), r, pad))
+    assert with_res.flops((h, w)) == plain.flops((h, w)) + h * w * DIM
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 12), r=st.sampled_from([2, 3, 4]),
+       pad=st.sampled_from(["replicate", "zero", "crop"]))
+def test_avg_pool_init_pixel_shuffle_is_exactly_avg_pool(h, w, c, r, pad):
+    """A no-shortcut pixel shuffle started as average pooling computes F.avg_pool2d at init (odd grids padded)."""
+    if pad == "crop" and min(h, w) < r:
+        return
+    ps = laco.create_compressor("pixel_shuffle", c, ratio=r, pad=pad, proj="linear", avg_pool_init=True).double()
+    x = torch.randn(2, h * w, c, dtype=torch.float64)
+    y, grid = ps(x, (h, w))
+    ref = reference_avg_pool(x, (h, w), r, pad)
+    assert grid == ps.output_grid((h, w)) and y.shape == ref.shape
+    torch.testing.assert_close(y, ref)
+
+
+def test_avg_pool_init_pixel_shuffle_is_linear_laco_reparametrised():
+    """laco(proj=linear) == pixel_shuffle(proj=linear, avg_pool_init) at init and along an Adam run without decay.
+
+    W' = W + A (A: the averaging matrix) has the same gradient as W, so the two trajectories coincide: with a
+    linear projection the shortcut is only a starting point.
+    """
+    torch.manual_seed(0)
+    pml = laco.create_compressor("laco", DIM, proj="linear").double()
+    ps = laco.create_compressor("pixel_shuffle", DIM, proj="linear", avg_pool_init=True).double()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0) for m in (pml, ps)]
+    x, target = torch.randn(4, 36, DIM, dtype=torch.float64), torch.randn(4, 9, DIM, dtype=torch.float64)
+    for step in range(6):
+        outs = [m(x, (6, 6))[0] for m in (pml, ps)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-9)
+        for out, opt in zip(outs, opts):
+            opt.zero_grad()
+            (out - target).square().mean().backward()
+            opt.step()
+    assert not torch.allclose(outs[0], reference_avg_pool(x, (6, 6), 2, "replicate"))  # it did train
 
 
 def test_zero_init_pml_is_exactly_avg_pool():
@@ -93,6 +147,86 @@ def test_pml_param_counts_match_the_formula():
     assert sum(p.numel() for p in lin.parameters()) == r * r * c * c + c
     mlp = PatchMergeLayer(c, r, proj="mlp")
     assert sum(p.numel() for p in mlp.parameters()) == 2 * r * r * c + (r * r * c * c + c) + (c * c + c)
+
+
+def reference_tokenpacker(tp, x: torch.Tensor, h: int, w: int, query_residual: bool) -> torch.Tensor:
+    """TokenPacker written the original's way: bilinear /2 queries, F.unfold regions, nn.MultiheadAttention."""
+    b, _, c = x.shape
+    mha = torch.nn.MultiheadAttention(c, tp.num_heads, batch_first=True).to(x.dtype)
+    mha.in_proj_weight.data, mha.in_proj_bias.data = tp.attn_in.weight.data, tp.attn_in.bias.data
+    mha.out_proj.load_state_dict(tp.attn_out.state_dict())
+    grid_map = x.transpose(1, 2).reshape(b, c, h, w)
+    q = F.interpolate(grid_map, size=(h // 2, w // 2), mode="bilinear").flatten(2).transpose(1, 2)  # (B, n, C)
+    q = tp.q_proj(q).reshape(-1, 1, c)  # one query per region: (B*n, 1, C)
+
+    def regions(t):  # (B, H*W, C) -> (B*n, 4, C), the 2 x 2 block of each query
+        blocks = F.unfold(t.transpose(1, 2).reshape(b, c, h, w), 2, stride=2)  # (B, C*4, n)
+        return blocks.view(b, c, 4, -1).permute(0, 3, 2, 1).reshape(-1, 4, c)
+
+    out = mha(q, regions(tp.k_proj(x)), regions(tp.v_proj(x)), need_weights=False)[0]  # (B*n, 1, C)
+    out = out.reshape(b, -1, c)
+    return tp.mlp(q.reshape(b, -1, c) + out if query_residual else out)
+
+
+@pytest.mark.parametrize("name, dim, query_residual", [("tokenpacker", 256, False), ("tokenpacker_v1", 128, True),
+                                                       ("tokenpacker", 48, False)])
+def test_tokenpacker_matches_the_original_formulation(name, dim, query_residual):
+    """Region-to-point attention equals nn.MultiheadAttention over each 2 x 2 region; the original outputs
+    mlp(attn), v0.1's variant mlp(q + attn)."""
+    tp = laco.create_compressor(name, dim).double().eval()
+    assert tp.num_heads == max(1, dim // (128 if name == "tokenpacker" else 64))
+    x = torch.randn(2, 6 * 4, dim, dtype=torch.float64)
+    torch.testing.assert_close(tp(x, (6, 4))[0], reference_tokenpacker(tp, x, 6, 4, query_residual))
+
+
+def test_tokenpacker_init_is_the_originals():
+    """trunc-normal(0.02) linears with zero biases, Xavier-uniform attention in-projection, LayerNorm eps 1e-6."""
+    torch.manual_seed(0)
+    tp = laco.create_compressor("tokenpacker", 256)
+    linears = [m for m in tp.modules() if isinstance(m, torch.nn.Linear) and m is not tp.attn_in]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert abs(weights.std().item() - 0.02) < 0.001 and weights.abs().max() < 0.02 * 6
+    assert all(m.bias is None or not m.bias.any() for m in tp.modules() if isinstance(m, torch.nn.Linear))
+    bound = (6 / (256 + 3 * 256)) ** 0.5  # xavier_uniform over the stacked (3C, C) in_proj
+    assert tp.attn_in.weight.abs().max() <= bound and tp.attn_in.weight.std() > bound / 3 ** 0.5 * 0.9
+    norms = [m for m in tp.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3 and all(n.eps == 1e-6 for n in norms)
+    v1 = laco.create_compressor("tokenpacker_v1", 256)  # PyTorch default init: kaiming-uniform, bound 1/sqrt(C)
+    assert v1.mlp[0].weight.abs().max() > 0.02 * 2 and all(n.eps == 1e-5 for n in v1.modules() if isinstance(n, torch.nn.LayerNorm))
+
+
+def test_c_abstractor_block_ends_with_the_bottleneck_activation():
+    """With its residual branch zeroed (timm's zero_init_last), a RegBlock is SiLU(x): the activation after the sum."""
+    block = CAbstractor(DIM).stage1[0]
+    torch.nn.init.zeros_(block.out[1].weight)
+    torch.nn.init.zeros_(block.out[1].bias)
+    x = torch.randn(2, DIM, 5, 3)
+    torch.testing.assert_close(block(x), F.silu(x))
+    assert block.se[1].out_channels == round(DIM / 4)
+
+
+def _sources(comp, x: torch.Tensor, grid) -> list[frozenset[int]]:
+    """For each output token, the input tokens it depends on (non-zero Jacobian rows)."""
+    jac = torch.autograd.functional.jacobian(lambda t: comp(t, grid)[0].sum(-1), x)  # (1, m, 1, N, C)
+    return [frozenset(torch.nonzero(j.abs().sum(-1)[0]).flatten().tolist()) for j in jac[0]]
+
+
+def test_tome_outputs_an_unordered_set():
+    """ToMe's output j is not tied to a grid position: which inputs it averages depends on the content,
+    while avg_pool's output j is always block j. Hence ``grid_output`` False for ToMe alone."""
+    assert [n for n in ALL if not laco.create_compressor(n, DIM).grid_output] == ["tome"]
+    grid, blocks = (4, 4), [frozenset({4 * (2 * i) + 2 * j + d for d in (0, 1, 4, 5)}) for i in range(2) for j in range(2)]
+    tome, pool = ToMe(DIM, 2), laco.create_compressor("avg_pool", DIM)
+    torch.manual_seed(0)
+    tome_sources = []
+    for _ in range(3):
+        x = torch.randn(1, 16, DIM, dtype=torch.float64)
+        assert _sources(pool, x, grid) == blocks
+        src = _sources(tome, x, grid)
+        assert sorted(i for s in src for i in s) == list(range(16))  # a partition of the inputs
+        tome_sources.append(src)
+    assert any(src != blocks for src in tome_sources)
+    assert len({tuple(src) for src in tome_sources}) > 1
 
 
 def test_tome_round_merges_identical_pairs_exactly():
@@ -131,6 +265,9 @@ def test_tome_reaches_the_same_budget_as_a_2x2_merge():
         (dict(name="avg_pool", dim=DIM, residual=True), "shortcut itself"),
         (dict(name="pixel_shuffle", dim=DIM, zero_init=True), "zero_init without the shortcut"),
         (dict(name="laco", dim=DIM, proj="conv"), "unknown projection"),
+        (dict(name="pixel_shuffle", dim=DIM, avg_pool_init=True), "proj='linear'"),
+        (dict(name="laco", dim=DIM, proj="linear", avg_pool_init=True), "needs residual=False"),
+        (dict(name="tokenpacker", dim=DIM, init="xavier"), "unknown init"),
         (dict(name="laco", dim=DIM, pad="mirror"), "unknown pad policy"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,27 +15,59 @@ from laco.ops import Grid, pool_tokens, space_to_channel
 
 @register_compressor("tokenpacker")
 class TokenPacker(Compressor):
-    """TokenPacker: each low-resolution point query attends to the r x r region it came from.
+    """TokenPacker (Li et al. 2024): each low-resolution point query attends to the r x r region it came from.
 
     queries  q = LN(W_q pool_r(x))                    (B, h*w, C)   -- pool_r == bilinear /r for r = 2
     keys/val k, v = LN(MLP(x)) regrouped per region   (B, h*w, r*r, C)
-    out      MLP(q + MultiHeadAttn(q, k, v))          (B, h*w, C)
+    out      MLP(MultiHeadAttn(q, k, v))              (B, h*w, C)
 
-    Single-level features: inside the encoder only the features of the current layer exist, so
-    the original's multi-level key/value input (layers 12/16/22/23 of CLIP-L) is not used.
+    As in the original (CircleRadon/TokenPacker): no residual from the query to the output, heads of
+    width 128 (``num_heads = dim // 128``, at least 1), LayerNorm eps 1e-6, and every linear layer
+    trunc-normal(0.02) with zero bias except the attention's joint q/k/v input projection, which keeps
+    ``nn.MultiheadAttention``'s Xavier-uniform init. Differences that remain are listed in
+    docs/method.md (single-level features, C -> C width, r x r average-pooled queries for r > 2).
+
+    ``query_residual=True, num_heads=dim // 64, init="torch", norm_eps=1e-5`` is laco v0.1's variant,
+    registered as ``tokenpacker_v1`` (the ``tokenpacker@1/4`` rows of results committed before v2).
     """
 
-    def __init__(self, dim: int, ratio: int = 2, *, num_heads: int | None = None, pad="replicate", residual: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        ratio: int = 2,
+        *,
+        num_heads: int | None = None,
+        query_residual: bool = False,
+        init: Literal["trunc_normal", "torch"] = "trunc_normal",
+        norm_eps: float = 1e-6,
+        pad="replicate",
+        residual: bool = False,
+    ):
         super().__init__(dim, ratio, pad=pad, residual=residual)
-        self.num_heads = num_heads or max(1, dim // 64)
+        self.num_heads = num_heads or max(1, dim // 128)
         if dim % self.num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {self.num_heads}")
-        self.q_proj = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim))
-        self.k_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.v_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.attn_in = nn.Linear(dim, 3 * dim)
+        if init not in ("trunc_normal", "torch"):
+            raise ValueError(f"unknown init {init!r}; choose 'trunc_normal' (the original's) or 'torch'")
+        self.query_residual = query_residual
+        self.init = init
+        self.q_proj = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim, eps=norm_eps))
+        self.k_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim, eps=norm_eps))
+        self.v_proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim, eps=norm_eps))
+        self.attn_in = nn.Linear(dim, 3 * dim)  # == nn.MultiheadAttention's in_proj (q, k, v stacked)
         self.attn_out = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        if init == "trunc_normal":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original's ``_init_weights``: trunc-normal(0.02) linears, zero biases; MHA's in-projection Xavier."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.attn_in.weight)  # nn.MultiheadAttention._reset_parameters
 
     def compress(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         b, c, rr, nh = x.shape[0], self.dim, self.ratio**2, self.num_heads
@@ -51,7 +84,7 @@ class TokenPacker(Compressor):
         vh = F.linear(v, wv, bv).reshape(b * n, rr, nh, c // nh).transpose(1, 2)
         o = F.scaled_dot_product_attention(qh, kh, vh)  # (B*n, heads, 1, C/heads)
         o = self.attn_out(o.transpose(1, 2).reshape(b, n, c))
-        return self.mlp(q + o), new_grid
+        return self.mlp(q + o if self.query_residual else o), new_grid
 
     def compress_flops(self, grid: Grid) -> int:
         n, m, c = grid[0] * grid[1], self.num_tokens(grid), self.dim
@@ -59,6 +92,16 @@ class TokenPacker(Compressor):
         q = 2 * linear_flops(m, c, c)  # q_proj + in-proj of q
         attn = 2 * 2 * n * c  # scores and weighted sum over r*r keys per query
         return kv + q + attn + n * c + linear_flops(m, c, c) + 2 * linear_flops(m, c, c)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_heads={self.num_heads}, query_residual={self.query_residual}, init={self.init!r}"
+
+
+@register_compressor("tokenpacker_v1")
+def _tokenpacker_v1(dim: int, ratio: int = 2, **kwargs) -> TokenPacker:
+    """laco v0.1's TokenPacker: ``mlp(q + attn)``, 64-wide heads, PyTorch default init, LayerNorm eps 1e-5."""
+    v1 = dict(query_residual=True, num_heads=max(1, dim // 64), init="torch", norm_eps=1e-5)
+    return TokenPacker(dim, ratio, **{**v1, **kwargs})
 
 
 def _bipartite_merge(x: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

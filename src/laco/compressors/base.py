@@ -37,7 +37,9 @@ class Compressor(nn.Module):
     its space-to-channel tensor) overrides ``forward`` instead of ``compress``.
     """
 
-    #: whether the output tokens form an (h, w) grid in raster order (False for ToMe)
+    #: whether output token i is cell i of the (h, w) grid in raster order. False for ToMe, whose output is an
+    #: unordered set: the shortcut, a further merge and any read-out of grid positions (compare's ``readout``
+    #: scenario averages quadrants) are undefined for it and must be refused or reported as not applicable.
     grid_output: bool = True
 
     def __init__(self, dim: int, ratio: int = 2, *, pad: PadPolicy = "replicate", residual: bool = False):

@@ -53,28 +53,34 @@ class LDPv2(Compressor):
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over channels of a (B, C, H, W) map."""
+    """LayerNorm over channels of a (B, C, H, W) map (eps 1e-5: timm's ``ConvNormAct`` turns ``LayerNorm2d``
+    into ``LayerNormAct2d``, whose default eps is 1e-5)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class RegBlock(nn.Module):
-    """RegNet-style bottleneck used by Honeybee: 1x1 -> depth-wise 3x3 -> squeeze-excite -> 1x1, plus skip."""
+    """The RegNet bottleneck Honeybee uses (timm ``RegStage`` block with ``act_layer=SiLU, norm_layer=LayerNorm2d``).
+
+    SiLU(x + LN(1x1(SE(DW3x3(1x1(x)))))): 1x1 -> depth-wise 3x3 -> squeeze-excite -> 1x1, the skip, and the
+    final activation after the sum, as in timm's ``Bottleneck`` (``linear_out=False``) and ResNet.
+    """
 
     def __init__(self, dim: int, se_ratio: float = 0.25):
         super().__init__()
-        se = max(1, int(dim * se_ratio))
+        se = max(1, round(dim * se_ratio))
         self.body = nn.Sequential(
             nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim), nn.SiLU(),
             nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), LayerNorm2d(dim), nn.SiLU(),
         )
         self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, se, 1), nn.SiLU(), nn.Conv2d(se, dim, 1), nn.Sigmoid())
         self.out = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim))
+        self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
-        return x + self.out(y * self.se(y))
+        return self.act(x + self.out(y * self.se(y)))
 
     def flops(self, h: int, w: int) -> int:
         c, n = self.se[1].in_channels, h * w

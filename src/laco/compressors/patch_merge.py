@@ -16,6 +16,11 @@ Choices where the paper is silent (see docs/method.md):
 * ``zero_init`` (default: on when the shortcut is on) zeroes the projection's last layer, so a
   freshly inserted PML computes exactly r x r average pooling: a pretrained encoder keeps working
   before any training (retrofit), and training starts from that point.
+* ``avg_pool_init`` (no shortcut, ``proj="linear"`` only) sets the projection itself to r x r average
+  pooling, ``W = [I ... I] / r^2``: a pixel shuffle that *starts* where LaCo starts but has no
+  shortcut. With a linear projection this is LaCo reparametrised (``W' = W + A``, A the averaging
+  matrix): the same function at every step of a weight-decay-free Adam run (see docs/method.md). An
+  MLP projection cannot start as pooling: its LayerNorm discards each token's mean and scale.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class PatchMergeLayer(Compressor):
         proj: Literal["mlp", "linear"] = "mlp",
         residual: bool = True,
         zero_init: bool | None = None,
+        avg_pool_init: bool = False,
         pad="replicate",
     ):
         super().__init__(dim, ratio, pad=pad, residual=residual)
@@ -54,13 +60,25 @@ class PatchMergeLayer(Compressor):
         self.zero_init = residual if zero_init is None else zero_init
         if self.zero_init and not residual:
             raise ValueError("zero_init without the shortcut would output zeros; use residual=True")
+        if avg_pool_init and (residual or proj != "linear"):
+            raise ValueError(
+                "avg_pool_init needs residual=False (with the shortcut, zero_init already starts as pooling) and "
+                "proj='linear' (LayerNorm and GELU cannot compute an average exactly)"
+            )
+        self.avg_pool_init = avg_pool_init
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        last = self.proj[-1]
         if self.zero_init:
-            last = self.proj[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        elif self.avg_pool_init:
+            # offset-major channels (dy*r + dx)*C + c: output c averages input channel c of every offset
+            rr = self.ratio * self.ratio
+            with torch.no_grad():
+                last.weight.copy_(torch.eye(self.dim).repeat(1, rr) / rr)  # (C, r*r*C)
+                last.bias.zero_()
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         # the paper's form: both branches read the one space-to-channel tensor, so padding and the
@@ -79,7 +97,8 @@ class PatchMergeLayer(Compressor):
         return f + (linear_flops(n, self.dim, self.dim) if self.proj_type == "mlp" else 0)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", proj={self.proj_type!r}, zero_init={self.zero_init}"
+        init = ", avg_pool_init=True" if self.avg_pool_init else ""
+        return super().extra_repr() + f", proj={self.proj_type!r}, zero_init={self.zero_init}" + init
 
 
 @register_compressor("laco")
@@ -90,5 +109,8 @@ def _laco(dim: int, ratio: int = 2, **kwargs) -> PatchMergeLayer:
 
 @register_compressor("pixel_shuffle")
 def _pixel_shuffle(dim: int, ratio: int = 2, *, residual: bool = False, **kwargs) -> PatchMergeLayer:
-    """InternVL-style pixel shuffle + MLP, no shortcut (LaCo minus its residual)."""
+    """InternVL-style pixel shuffle + MLP, no shortcut (LaCo minus its residual).
+
+    ``proj="linear", avg_pool_init=True``: the same, started as r x r average pooling (LaCo's start).
+    """
     return PatchMergeLayer(dim, ratio, residual=residual, **kwargs)
