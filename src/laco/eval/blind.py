@@ -29,7 +29,7 @@ from laco.data.llava import ROLE_MAP, normalize_record, read_records
 from laco.eval.evaluator import IMAGE_PLACEHOLDER, EvalRecord, format_question, load_records
 from laco.eval.metrics import normalize_answer, score_prediction
 
-__all__ = ["BlindResult", "blind_baseline", "majority_answers", "question_key", "score_blind"]
+__all__ = ["BlindResult", "MajorityAnswers", "blind_baseline", "majority_answers", "question_key", "score_blind"]
 
 
 def question_key(text: str) -> str:
