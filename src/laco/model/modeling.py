@@ -44,6 +44,27 @@ def build_vision_tower(config: LaCoConfig, vision_model: nn.Module | None = None
     )
 
 
+def image_features(
+    vision_tower: CompressedVisionEncoder, projector: nn.Module, config: LaCoConfig, pixel_values: torch.Tensor
+) -> torch.Tensor:
+    """(n_img, 3, H, W) -> (n_img, T, D): encoder + compression, feature select, projector.
+
+    The one image path, shared by ``LaCoForConditionalGeneration`` and the vLLM model (``laco.serve``).
+    """
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
+    param = next(vision_tower.vision_model.parameters())
+    # another resolution than the encoder was built for: interpolate its position embeddings
+    native = config.vision_config.image_size
+    native = (native, native) if isinstance(native, int) else tuple(native)
+    interpolate = tuple(pixel_values.shape[-2:]) != native
+    out = vision_tower(pixel_values.to(dtype=param.dtype, device=param.device), interpolate_pos_encoding=interpolate)
+    feats = out.last_hidden_state  # (n_img, P + h*w, C)
+    if config.vision_feature_select_strategy == "default":
+        feats = feats[:, out.num_prefix_tokens :]  # (n_img, h*w, C)
+    return projector(feats)  # (n_img, T, D)
+
+
 class LaCoPreTrainedModel(PreTrainedModel):
     config_class = LaCoConfig
     config: LaCoConfig
@@ -140,19 +161,7 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
     # -- image features -------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """(n_img, 3, H, W) -> (n_img, num_image_tokens, D): encoder + compression, feature select, projector."""
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
-        param = next(self.vision_tower.vision_model.parameters())
-        # another resolution than the encoder was built for: interpolate its position embeddings
-        native = self.config.vision_config.image_size
-        native = (native, native) if isinstance(native, int) else tuple(native)
-        interpolate = tuple(pixel_values.shape[-2:]) != native
-        out = self.vision_tower(pixel_values.to(dtype=param.dtype, device=param.device),
-                                interpolate_pos_encoding=interpolate)
-        feats = out.last_hidden_state  # (n_img, P + h*w, C)
-        if self.config.vision_feature_select_strategy == "default":
-            feats = feats[:, out.num_prefix_tokens :]  # (n_img, h*w, C)
-        return self.projector(feats)  # (n_img, T, D)
+        return image_features(self.vision_tower, self.projector, self.config, pixel_values)
 
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
