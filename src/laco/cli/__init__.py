@@ -31,12 +31,74 @@ for _name in _COMMAND_MODULES:
     importlib.import_module(f"laco.cli.{_name}")
 
 
+def user_error_line(err: BaseException) -> str | None:
+    """The one line a user-caused failure prints (``None``: a real bug, keep its traceback).
+
+    Bad arguments and configs (ValueError, TypeError, KeyError), files that are missing, unreadable or
+    not what they claim (OSError, PIL decode errors, safetensors / YAML / JSON parse errors) are the
+    user's to fix; the message names the file where the exception knows it.
+    """
+    import json
+
+    if isinstance(err, _click_exceptions().ClickException):  # typer's own argument checks (ranges, types, missing)
+        return err.format_message()
+    if isinstance(err, OSError):
+        name = err.filename if err.filename is not None else None
+        reason = err.strerror or str(err)
+        return f"{reason}: {name}" if name is not None else reason
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON ({err})"
+    if isinstance(err, KeyError):
+        return f"missing key {err}"
+    if isinstance(err, (ValueError, TypeError)):
+        return str(err)
+    kind = f"{type(err).__module__}.{type(err).__name__}"
+    if kind.startswith(("PIL.", "yaml.", "safetensors")):
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _click_exceptions():
+    try:  # typer >= 0.20 vendors click
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - older typer on click
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
-    """Entry point: user errors (bad config, bad input) print one clear line and exit 2, no traceback."""
+    """Entry point: user errors (bad arguments, configs, files) print one ``laco: error:`` line and exit 2.
+
+    Only real bugs keep their traceback."""
     import sys
 
+    cx = _click_exceptions()
     try:
-        app()
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-        print(f"laco: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = app(standalone_mode=False)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        print("laco: aborted", file=sys.stderr)
+        sys.exit(130)
+    except cx.ClickException as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `laco` / `laco CMD`: the help, as typer shows it
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(err)
+            sys.exit(err.exit_code)
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(err.format_message() + hint)
+    except Exception as err:
+        line = user_error_line(err)
+        if line is None:
+            raise
+        _fail(line)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(line: str) -> None:
+    import sys
+
+    print(f"laco: error: {' '.join(line.split())}", file=sys.stderr)
+    sys.exit(2)

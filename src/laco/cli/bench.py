@@ -16,19 +16,19 @@ def bench(
     methods: str = typer.Option("none,post,laco@1/4,laco@1/2", "--methods", "-m",
                                 help="comma list: none, post (= laco@post), <compressor>@<layer> e.g. laco@1/4"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups relative to it (default laco@post)"),
-    ratio: int = typer.Option(2, "--ratio", "-r", help="merge r x r tokens into one"),
-    batch_size: int = typer.Option(1, "--batch-size", "-b"),
-    images_per_sample: int = typer.Option(1, "--images-per-sample"),
-    text_tokens: int = typer.Option(64, "--text-tokens", help="text tokens per sample (prompt + answer)"),
-    new_tokens: int = typer.Option(16, "--new-tokens", help="tokens generated per sample (decode, generate)"),
+    ratio: int = typer.Option(2, "--ratio", "-r", min=1, help="merge r x r tokens into one"),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
+    images_per_sample: int = typer.Option(1, "--images-per-sample", min=1),
+    text_tokens: int = typer.Option(64, "--text-tokens", min=1, help="text tokens per sample (prompt + answer)"),
+    new_tokens: int = typer.Option(16, "--new-tokens", min=1, help="tokens generated per sample (decode, generate)"),
     parts: Optional[str] = typer.Option(None, "--parts",
                                         help="comma list of parts to time (default: all; see docs/benchmarks.md)"),
     train: bool = typer.Option(True, "--train/--no-train", help="include the training-step parts"),
-    warmup: int = typer.Option(1, "--warmup", help="untimed rounds first"),
-    repeats: int = typer.Option(3, "--repeats", "-n", help="timed rounds (methods interleaved in each)"),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="untimed rounds first"),
+    repeats: int = typer.Option(3, "--repeats", "-n", min=1, help="timed rounds (methods interleaved in each)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
     out: str = typer.Option("benchmarks/results", "--out", "-o", help="results root; a per-device folder is added"),
     profile: bool = typer.Option(False, "--profile", help="also write torch.profiler op tables of the encoder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the FLOP model's predictions only; time nothing"),
@@ -45,19 +45,23 @@ def bench(
     from laco.bench.report import LABELS, analyze, write_report
     from laco.bench.runner import PARTS, TRAIN_PARTS, BenchConfig, predict_all, run_benchmark
     from laco.bench.timers import device_slug
+    from laco.safety import check_device, check_output_path, read_json_object
 
     if from_json is not None:
-        import json
         from pathlib import Path
 
         path = Path(from_json)
-        if not path.is_file():
-            raise FileNotFoundError(f"result file {from_json!r} does not exist")
-        result = json.loads(path.read_text())
+        result = read_json_object(path, "--from-json result file")
+        missing = [k for k in ("config", "predicted", "measured", "environment") if k not in result]
+        if missing:
+            raise ValueError(f"--from-json: not a `laco bench` result file (no {', '.join(missing)}): {path}")
         result.pop("analysis", None)  # recomputed from the raw samples
         for kind, p in write_report(result, path.parent).items():
             Console().print(f"{kind}: {p}")
         return
+    if not dry_run:
+        check_device(device)
+        check_output_path(out, "--out")
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) if parts else PARTS
     if not train:
         chosen = tuple(p for p in chosen if p not in TRAIN_PARTS)

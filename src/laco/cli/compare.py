@@ -18,7 +18,7 @@ def compare(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list of seeds (default: the preset's)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON file overriding any preset field"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder (default: laco-results/compare/<preset>)"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: the preset's, 2); 1 can be faster on a busy machine"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: the preset's, 2); 1 can be faster on a busy machine"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="data + pretrained encoder cache (default: $LACO_CACHE or ~/.cache/laco)"),
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
     merge: Optional[list[Path]] = typer.Option(None, "--merge", help="results folders of runs that differ only in "
@@ -32,6 +32,7 @@ def compare(
 
     from laco.experiments.compare import METHODS, load_preset, merge_results, run_compare
     from laco.experiments.report import print_table, write_report
+    from laco.safety import OutputLock, check_output_path, read_yaml, write_marker
 
     # rich falls back to 80 columns when stdout is not a terminal (CI logs, `| tee`): the 10-column
     # tables would be cut to "meth…", so give files and pipes a wide console
@@ -45,16 +46,16 @@ def compare(
         if out is None:
             raise ValueError("--merge needs --out, the folder to write the merged results to")
         results = merge_results(merge, command=command)
-        write_report(results, out)
+        with OutputLock(out, "compare output folder"):
+            write_report(results, out)
+            write_marker(out, "compare")
         print_table(results, console)
         console.print(f"merged {len(merge)} runs (seeds {results['config']['seeds']}): {out / 'results.md'}")
         return
+    if out is not None:
+        check_output_path(out, "--out")
     if config is not None:  # a config file may name its preset
-        import yaml
-
-        if not config.is_file():
-            raise FileNotFoundError(f"config file not found: {config}")
-        data = yaml.safe_load(config.read_text()) or {}
+        data = read_yaml(config, "compare config") or {}
         if isinstance(data, dict) and "preset" in data and preset == "quick":
             preset = str(data["preset"])
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
@@ -68,7 +69,10 @@ def compare(
                     cache_dir=str(cache_dir) if cache_dir else None)
     out = out or Path("laco-results") / "compare" / p.name
     console.print(f"[bold]laco compare[/bold]: preset {p.name}, {len(p.methods)} methods x {p.scenarios} x seeds {p.seeds} -> {out}")
-    results = run_compare(p, out, command=command, log=console.print)
+    check_output_path(out, "--out")
+    with OutputLock(out, "compare output folder"):  # a second run into the same folder is refused
+        results = run_compare(p, out, command=command, log=console.print)
+        write_marker(out, "compare")
     print_table(results, console)
     console.print(f"results: {out / 'results.md'} (+ results.json, acc_vs_flops.png, acc_vs_depth.png); "
                   f"total {results['timings_s']['total_s']:.0f} s")

@@ -13,10 +13,12 @@ from laco.cli import app
 
 def probe_recommendation(path: Path, src_dir: Path) -> tuple[int, int]:
     """(layer k, ratio r) recommended by a `laco probe` JSON that probed ``src_dir``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"probe result {str(path)!r} does not exist")
-    data = json.loads(path.read_text())
+    from laco.safety import read_json_object
+
+    data = read_json_object(path, "--from-probe result")
     rec = data.get("recommendation") or {}
+    if not isinstance(rec, dict):
+        raise ValueError(f"--from-probe: 'recommendation' is not an object: {path}")
     row = rec.get("row")
     if row is None or not rec.get("fits_budget", False):
         raise ValueError(f"{str(path)!r} has no recommendation within its FLOP budget; pick --layer/--ratio by hand")
@@ -32,7 +34,7 @@ def convert(
     out_dir: Path = typer.Argument(..., help="where the LaCo model is written (must not exist unless --overwrite)"),
     layer: str = typer.Option("1/4", "--layer", "-l", help="merge after layer: int k, fraction '1/4', 'post', "
                                                            "or a comma list"),
-    ratio: int = typer.Option(2, "--ratio", "-r", help="merge r x r tokens into one"),
+    ratio: int = typer.Option(2, "--ratio", "-r", min=1, help="merge r x r tokens into one"),
     method: str = typer.Option("laco", "--method", "-m", help="compressor (laco starts as exact average pooling)"),
     proj: Optional[str] = typer.Option(None, "--proj", help="PML projection: mlp (default) or linear"),
     pad: Optional[str] = typer.Option(None, "--pad", help="odd grids: replicate (default), zero, crop, error"),

@@ -27,6 +27,30 @@ def build_prompt(processor, prompt: str, n_images: int, use_chat_template: bool)
     return processor.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True)
 
 
+def check_new_tokens(model_dir: Path, max_new_tokens: int, option: str = "--max-new-tokens") -> None:
+    """``max_new_tokens`` must leave room for a prompt within the LLM's ``max_position_embeddings``."""
+    from laco.safety import read_json_object
+
+    cfg = read_json_object(model_dir / "config.json", "model config")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    limit = text.get("max_position_embeddings")
+    if isinstance(limit, int) and max_new_tokens >= limit:
+        raise ValueError(f"{option} {max_new_tokens} does not fit the model's context of {limit} positions "
+                         f"(max_position_embeddings); use fewer than {limit}")
+
+
+def torch_dtype_for(dtype: str, device: str, option: str = "--dtype"):
+    """'auto' (bf16 on CUDA, fp32 elsewhere) or a floating torch dtype name."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in choices:
+        raise ValueError(f"{option} {dtype!r} is unknown; choose auto, {', '.join(choices)}")
+    return choices[dtype]
+
+
 @app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help="a saved LaCo model with its processor (save_pretrained of both)"),
@@ -42,32 +66,22 @@ def generate(
 ) -> None:
     """Generate an answer about the images, printing tokens as they come (greedy unless --temperature > 0)."""
     import torch
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
     import laco  # noqa: F401  (registers the Auto classes)
+    from laco.safety import check_device, check_finite, check_model_dir, open_image
 
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} holds no config.json: not a saved model directory")
-    if not (model_dir / "processor_config.json").is_file():
-        raise FileNotFoundError(
-            f"{str(model_dir)!r} holds no processor_config.json: save the LaCoProcessor next to the model"
-        )
-    for path in image:
-        if not path.is_file():
-            raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    elif dtype in dtypes:
-        torch_dtype = dtypes[dtype]
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(dtypes)}")
+    # every argument and input file is checked before the model is loaded
+    check_finite("--temperature", temperature, low=0.0)
+    check_finite("--top-p", top_p, low=0.0, high=1.0)
+    device = check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = torch_dtype_for(dtype, device)
+    check_model_dir(model_dir, processor=True)
+    check_new_tokens(model_dir, max_new_tokens)
+    images = [open_image(path) for path in image]
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-    images = [Image.open(path).convert("RGB") for path in image]
     text = build_prompt(processor, prompt, len(images), use_chat_template=not raw)
     inputs = processor(text=[text], images=images or None, return_tensors="pt").to(device)
     tokenizer = processor.tokenizer

@@ -22,7 +22,7 @@ def info(
     method: str = typer.Option("laco", "--method", "-m", help="compressor name, or 'none'"),
     layer: str = typer.Option("1/4", "--layer", "-l", help="int k, fraction '1/4', 'post', or a comma list"),
     ratio: int = typer.Option(2, "--ratio", "-r", help="merge r x r tokens into one"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="default: the preset's"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="default: the preset's"),
     feature_layer: int = typer.Option(-1, "--feature-layer", help="-1 last layer, -2 penultimate, ..."),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     list_all: bool = typer.Option(False, "--list", help="list presets and compressors and exit"),

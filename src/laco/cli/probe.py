@@ -41,13 +41,13 @@ def probe(
     budget: float = typer.Option(0.6, "--budget", "-b", help="highest acceptable encoder FLOP ratio"),
     metric: str = typer.Option("auto", "--metric", help="ranking: auto (probe_acc with labels, else cosine), "
                                                         "cosine, rel_error, probe_acc"),
-    max_images: int = typer.Option(512, "--max-images", "-n", help="images to use (a seeded subset)"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    max_images: int = typer.Option(512, "--max-images", "-n", min=1, help="images to use (a seeded subset)"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
     out: Path = typer.Option(Path("probe_results"), "--out", "-o", help="folder for NAME.json / NAME.md / NAME.png"),
     name: str = typer.Option("probe", "--name", help="file stem of the outputs"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(2, "--threads", help="CPU threads for torch"),
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for torch"),
 ) -> None:
     """Measure, before training, how much an in-encoder merge at each depth/ratio changes the final features."""
     import shlex
@@ -55,8 +55,12 @@ def probe(
     import torch
     from rich.console import Console
 
+    from laco.safety import check_device, check_finite, check_output_path
     from laco.eval.probe import ProbeConfig, load_encoder_source, load_image_folder, probe_encoder
 
+    check_finite("--budget", budget, low=0.0)
+    check_device(device)
+    check_output_path(out, "--out")
     console = Console()
     torch.set_num_threads(threads)
     config = ProbeConfig(layers=parse_layer_list(layers), ratios=parse_ratio_list(ratios), budget=budget,

@@ -192,7 +192,9 @@ class LlavaCollator:
             if enc is not None:
                 encoded.append(enc)
         self.stats.samples += len(encoded)
-        return self.pad(encoded)
+        batch = self.pad(encoded)
+        batch["num_requested"] = len(samples)  # kept + dropped: the trainer reports and limits drops
+        return batch
 
     def pad(self, encoded: Sequence[EncodedSample]) -> dict[str, Any]:
         """Right-pad encoded samples into a batch; see the module docstring."""

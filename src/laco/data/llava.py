@@ -38,6 +38,8 @@ from typing import Any, Iterable, Literal, Sequence
 
 from torch.utils.data import Dataset
 
+from laco.safety import open_image
+
 logger = logging.getLogger(__name__)
 
 # LLaVA role names -> chat-template roles ("user"/"assistant" are accepted as they are)
@@ -178,22 +180,11 @@ def check_image(path: Path, how: ImageCheck = "open") -> str | None:
         hint = "" if path.is_absolute() else " (relative to the current directory: set image_folder)"
         return f"image file not found: {path}{hint}"
     if how == "open":
-        from PIL import Image
-
         try:
-            with Image.open(path) as im:
-                im.verify()  # reads the header and checks the file's structure, without decoding all pixels
-        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            return f"image cannot be opened: {path} ({type(err).__name__}: {err})"
+            open_image(path)  # a full decode (verify() misses truncated pixel data) within the pixel limit
+        except ValueError as err:
+            return str(err)
     return None
-
-
-def open_image(path: Path):
-    """Decode an image as RGB (PIL); raises the PIL/OS error on failure."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 class LlavaDataset(Dataset):

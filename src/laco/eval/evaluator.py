@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from laco.eval.metrics import list_metrics, score_prediction
+from laco.eval.metrics import list_metrics, parse_number, score_prediction
 from laco.io import atomic_write_text
+from laco.safety import OutputLock, check_output_path, open_image
 
 __all__ = [
     "EvalRecord", "build_messages", "evaluate", "generate_texts", "load_records", "render_prompt", "summarize",
@@ -32,6 +33,7 @@ __all__ = [
 
 IMAGE_PLACEHOLDER = "<image>"
 PREDICTIONS_FILE = "predictions.jsonl"
+FINGERPRINT_FILE = "fingerprint.json"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 
@@ -79,6 +81,12 @@ def _parse_record(raw: str, path: Path, line: int, image_dir: Path) -> EvalRecor
     if not isinstance(obj["question"], str):
         raise ValueError(f"{where}: 'question' must be a string, got {type(obj['question']).__name__}")
     metric = obj["metric"]
+    answers = obj["answer"] if isinstance(obj["answer"], list) else [obj["answer"]]
+    if not answers or any(a is None or isinstance(a, (dict, list)) or str(a).strip() == "" for a in answers):
+        raise ValueError(f"{where}: 'answer' must be a non-empty string or number (or a list of them), "
+                         f"got {obj['answer']!r}")
+    if metric == "numeric" and any(parse_number(a) is None for a in answers):
+        raise ValueError(f"{where}: metric 'numeric' needs a numeric 'answer', got {obj['answer']!r}")
     if metric not in list_metrics():
         raise ValueError(f"{where}: unknown metric {metric!r}; expected one of {list_metrics()}")
     choices = obj.get("choices") or []
@@ -175,16 +183,23 @@ def render_prompt(processor: Any, messages: list[dict[str, str]]) -> str:
 # --- generation -----------------------------------------------------------------------------------
 
 def _load_images(record: EvalRecord) -> list[Any]:
-    from PIL import Image
+    try:
+        return [open_image(p) for p in record.images]
+    except ValueError as err:
+        raise ValueError(f"record {record.id!r} (line {record.line}): {err}") from None
 
-    out = []
-    for p in record.images:
-        try:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        except OSError as err:
-            raise ValueError(f"record {record.id!r} (line {record.line}): cannot read image {p}: {err}") from None
-    return out
+
+def check_images(records: Sequence[EvalRecord], data_file: Path) -> None:
+    """Decode every image once before any generation: a bad image fails the run up front, naming its line."""
+    seen: set[Path] = set()
+    for rec in records:
+        for p in rec.images:
+            if p not in seen:
+                seen.add(p)
+                try:
+                    open_image(p)
+                except ValueError as err:
+                    raise ValueError(f"{_where(data_file, rec.line, rec.id)}: {err}") from None
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -331,11 +346,15 @@ def evaluate(
     max_new_tokens: int = 16,
     limit: int | None = None,
     progress: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on a JSONL file; returns the summary (also written to ``out_dir``).
 
     Resumable: ids already in ``out_dir/predictions.jsonl`` are not generated again; their saved
     predictions are re-scored against the current file. ``limit`` keeps the first N records.
+    The folder records a fingerprint (model weights, data file content, generation settings) and is
+    locked while a run writes to it: a resume with another fingerprint is refused (``fresh=True``
+    discards the old predictions instead), and a second concurrent run into it is refused.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -344,8 +363,64 @@ def evaluate(
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     records = load_records(data_file, image_dir)[:limit]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_images(records, Path(data_file))  # before any generation
+    out = check_output_path(out_dir, "eval output folder")
+    with OutputLock(out, "eval output folder"):
+        fingerprint = eval_fingerprint(model, data_file, image_dir, max_new_tokens)
+        _check_fingerprint(out, fingerprint, fresh)
+        return _evaluate_locked(model, processor, records, data_file, out, batch_size, max_new_tokens, progress)
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """The saved folder's weights hash when the model was loaded from one, else a hash of its parameters."""
+    import hashlib
+
+    from laco.safety import weights_identity
+
+    src = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if src and (Path(src) / "config.json").is_file():
+        return weights_identity(src)
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"path": type(model).__name__, "sha256": h.hexdigest()}
+
+
+def eval_fingerprint(model: Any, data_file: str | os.PathLike, image_dir: str | os.PathLike | None,
+                     max_new_tokens: int) -> dict[str, Any]:
+    """What produced an eval folder's predictions: model, data file, images and generation settings."""
+    from laco.safety import file_identity
+
+    dtype = str(_model_device_dtype(model)[1]).removeprefix("torch.")
+    root = Path(image_dir) if image_dir is not None else Path(data_file).parent
+    return {"model": model_identity(model), "data": file_identity(data_file), "images": str(root.resolve()),
+            "generation": {"max_new_tokens": max_new_tokens, "do_sample": False, "dtype": dtype}}
+
+
+def _check_fingerprint(out: Path, now: dict[str, Any], fresh: bool) -> None:
+    """Refuse to resume predictions made by another model / data / setting; ``fresh`` discards them."""
+    from laco.safety import fingerprint_mismatch, output_kind, read_json_object, write_marker
+
+    saved_path = out / FINGERPRINT_FILE
+    has_predictions = (out / PREDICTIONS_FILE).is_file()
+    if has_predictions and not fresh:
+        if not saved_path.is_file() or output_kind(out) != "eval":
+            raise ValueError(f"{out} holds predictions without a fingerprint, so they cannot be trusted to match "
+                             f"this model and data; pass --fresh (fresh=True) to discard them or use another --out")
+        changed = fingerprint_mismatch(read_json_object(saved_path, "eval fingerprint"), now)
+        if changed:
+            raise ValueError(f"{out} holds predictions of another {' and '.join(changed)}; pass --fresh "
+                             f"(fresh=True) to discard them and start over, or choose another --out")
+    if fresh:
+        for name in (PREDICTIONS_FILE, "summary.json", "summary.md", "summary.png", FINGERPRINT_FILE):
+            (out / name).unlink(missing_ok=True)
+    atomic_write_text(saved_path, json.dumps(now, indent=2) + "\n")
+    write_marker(out, "eval")
+
+
+def _evaluate_locked(model: Any, processor: Any, records: list[EvalRecord], data_file: str | os.PathLike, out: Path,
+                     batch_size: int, max_new_tokens: int, progress: bool) -> dict[str, Any]:
     pred_path = out / PREDICTIONS_FILE
     done = _read_predictions(pred_path)
     todo = [r for r in records if r.id not in done]

@@ -575,10 +575,9 @@ def load_encoder_source(source: str) -> EncoderSource:
         raise FileNotFoundError(
             f"probe source {source!r} is neither 'embedded', a vision preset ({', '.join(laco.list_vision_presets())}) "
             "nor a directory")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{source!r} has no config.json; expected a Hugging Face model directory")
-    cfg = json.loads(cfg_file.read_text())
+    from laco.safety import check_model_dir, read_json_object
+
+    cfg = read_json_object(check_model_dir(path) / "config.json", "model config")
     mt = cfg.get("model_type")
     if mt in ("llava", "llava_onevision"):
         from laco.model.convert import hf_feature_layer_to_core, load_llava_vision_tower
@@ -624,6 +623,8 @@ def load_image_folder(
     """
     from PIL import Image
 
+    from laco.safety import open_image
+
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
@@ -639,9 +640,8 @@ def load_image_folder(
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     pixels = []
     for p in files:
-        with Image.open(p) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
+        im = open_image(p).resize((image_size, image_size), Image.Resampling.BICUBIC)
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
         pixels.append((t.permute(2, 0, 1).float() / 255.0 - m) / s)
     labels = torch.tensor([classes.index(p.relative_to(root).parts[0]) for p in files]) if labelled else None
     return torch.stack(pixels), labels, classes

@@ -229,16 +229,17 @@ def load_preset(name: str = "quick", config_file: str | os.PathLike | None = Non
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     preset = PRESETS[name]()
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        import yaml
+        from laco.safety import read_yaml
 
-        data = yaml.safe_load(path.read_text()) or {}
+        path = Path(config_file)
+        data = read_yaml(path, "compare config") or {}
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of preset fields, got {type(data).__name__}")
+            raise ValueError(f"config file must hold a mapping of preset fields, got {type(data).__name__}: {path}")
         data.pop("preset", None)  # the CLI reads it; the rest overrides fields
-        preset = _merge(preset, data)
+        try:
+            preset = _merge(preset, data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{err} (in {path})") from None
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return _merge(preset, overrides) if overrides else preset
 

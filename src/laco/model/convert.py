@@ -41,6 +41,8 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
+from laco.safety import check_model_dir, check_replaceable, clean_partials, read_json_object, write_marker
+
 LayerSpec = Union[int, float, str]
 
 #: config model_type -> transformers class name, for the architectures ``convert`` reads
@@ -64,7 +66,7 @@ def read_source_config(src_dir: str | Path) -> dict[str, Any]:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(src)!r} has no config.json; expected a Hugging Face checkpoint directory")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(check_model_dir(src) / "config.json", "source config")
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_ARCHITECTURES:
         arch = ", ".join(cfg.get("architectures") or []) or "unknown architecture"
@@ -283,10 +285,15 @@ def _load_source_processor(src: Path):
     return tokenizer, mean, std
 
 
-def _atomic_replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+#: files that mark a conversion written before the marker file existed
+LEGACY_MARKERS = ("conversion.json", "config.json")
+
+
+def _atomic_replace_dir(tmp: Path, out: Path, overwrite: bool, src: Path) -> None:
     if out.exists():
         if not overwrite:
             raise ValueError(f"output directory {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
+        check_replaceable(out, "convert", sources=(src,), legacy=LEGACY_MARKERS)  # again: it may have changed
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -315,10 +322,13 @@ def convert_checkpoint(
 
     src, out = Path(src_dir), Path(out_dir)
     cfg = read_source_config(src)
+    if out.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"the output directory must differ from the source checkpoint: {out}")
     if out.exists() and not overwrite:
         raise ValueError(f"output directory {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
-    if out.resolve() == src.resolve():
-        raise ValueError("the output directory must differ from the source checkpoint")
+    # only a previous conversion is replaced: never the source, a folder holding it, or the current directory
+    check_replaceable(out, "convert", sources=(src,), legacy=LEGACY_MARKERS)
+    clean_partials(out)  # temporary folders of a killed conversion
     if method != "laco":
         warnings.warn(f"method {method!r}: only 'laco' (zero-initialised) starts as average pooling; an untrained "
                       f"{method} changes the model's outputs until it is trained", stacklevel=2)
@@ -360,7 +370,8 @@ def convert_checkpoint(
         else:
             report.notes.append("the source has no tokenizer files: no processor was saved")
         (tmp / "conversion.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _atomic_replace_dir(tmp, out, overwrite)
+        write_marker(tmp, "convert", source=str(src.resolve()))
+        _atomic_replace_dir(tmp, out, overwrite, src)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

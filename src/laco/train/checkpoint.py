@@ -9,15 +9,18 @@ Layout of a run's ``output_dir``::
         optimizer.bin               optimizer state (read back with torch.load(weights_only=True))
         random_states_<rank>.pkl    python / numpy / torch (/ cuda) RNG states of every process
         trainer_state.json          stage, steps, epoch, data position, scheduler state
+        checksums.sha256            sha256 of every file above (verified on resume)
     <stage name>/                   the model (save_pretrained, safetensors) + processor after each stage
-        laco_stage.json             written last: marks the stage as complete
+        laco_stage.json             marks the stage as complete
+        checksums.sha256            sha256 of every file of the stage folder
 
 Every directory is written under a temporary name in the same folder and renamed into place with
 ``os.replace`` once complete, so a killed run leaves either the previous checkpoint or the new one,
 never half of one. Temporary leftovers are removed when a run starts.
 
 Resume: the completed stages are read from their ``laco_stage.json`` markers; the newest checkpoint of
-the first unfinished stage restores weights, optimizer, scheduler, RNG states and the data position
+the first unfinished stage that passes its checksums (older ones are fallbacks, with a warning; a stage
+folder that fails them is trained again) restores weights, optimizer, scheduler, RNG states and the data position
 (epoch and micro-batches consumed; the per-epoch shuffle is a function of ``(seed, epoch)``), so the
 resumed run replays exactly the batches and updates the uninterrupted run would have made.
 """
@@ -25,6 +28,7 @@ resumed run replays exactly the batches and updates the uninterrupted run would 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +36,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from laco.safety import CHECKSUM_FILE, read_json_object, verify_checksums, write_checksums
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -58,9 +66,16 @@ class TrainerState:
     scheduler: dict[str, Any] = field(default_factory=dict)  # LR scheduler state_dict (JSON-safe)
     last_loss: float | None = None
 
+    updates: int = 0  # optimizer updates made in this stage (steps whose whole global batch was dropped make none)
+    samples_requested: int = 0  # samples drawn in this stage, all processes (kept + dropped)
+
     @classmethod
     def from_json(cls, path: Path) -> "TrainerState":
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        data = read_json_object(path, "trainer state")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"trainer state does not match this laco version ({err}): {path}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -125,11 +140,34 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint or stage folder cannot be trusted (``None``: it verifies). Folders written before
+    checksums existed are accepted as they are."""
+    if not (path / CHECKSUM_FILE).is_file():
+        return None
+    return verify_checksums(path)
+
+
+def verified_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that passes its checksums; each newer one that fails is reported."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s fails verification (%s); falling back to an older one", path, problem)
+    return None
+
+
 def completed_stages(output_dir: str | os.PathLike, stage_names: list[str]) -> int:
-    """How many leading stages are complete (their model directory carries the stage marker)."""
+    """How many leading stages are complete (their model directory carries the stage marker and verifies)."""
     n = 0
     for name in stage_names:
-        if not (Path(output_dir) / name / STAGE_MARKER).is_file():
+        folder = Path(output_dir) / name
+        if not (folder / STAGE_MARKER).is_file():
+            break
+        problem = checkpoint_problem(folder)
+        if problem is not None:
+            logger.warning("stage folder %s fails verification (%s); the stage is trained again", folder, problem)
             break
         n += 1
     return n
@@ -151,7 +189,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
     accelerator.save_state(str(tmp), safe_serialization=True)  # each process writes its own RNG file
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(tmp / STATE_FILE, asdict(state))  # last file: its presence marks a complete checkpoint
+        _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete checkpoint
+        write_checksums(tmp)
         _replace_dir(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -171,7 +210,22 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainerState:
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"
     if not rng_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no RNG state for process {accelerator.process_index}")
-    accelerator.load_state(str(path))
+    # accelerate only logs (INFO) an RNG file it cannot read, and the resume is then not exact: check it here
+    from accelerate.utils import load
+
+    try:
+        rng = load(rng_file)
+        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(rng)
+    except Exception as err:
+        raise ValueError(f"cannot restore the RNG state of checkpoint {path} ({type(err).__name__}: {err}): "
+                         f"{rng_file}") from None
+    if missing:
+        raise ValueError(f"cannot restore the RNG state of checkpoint {path} (no {sorted(missing)}): {rng_file}")
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:
+        raise ValueError(f"cannot restore weights or optimizer state from checkpoint {path} "
+                         f"({type(err).__name__}: {err})") from None
     return state
 
 
@@ -189,6 +243,7 @@ def save_stage_model(accelerator, model, processor, output_dir: str | os.PathLik
         if processor is not None:
             processor.save_pretrained(tmp)
         _write_json(tmp / STAGE_MARKER, info)
+        write_checksums(tmp)
         _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

@@ -27,6 +27,7 @@ outputs (``output_dir/run_config.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -41,6 +42,9 @@ PARAM_GROUPS = ("compressor", "encoder", "projector", "llm")
 SCHEDULERS = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# files and folders of a run's output_dir: a stage (whose model is saved in output_dir/<name>) cannot take them
+RESERVED_NAMES = ("run_config.yaml", "metrics.jsonl", "training.png", "checkpoints", "tensorboard",
+                  "checksums.sha256", ".laco.lock", ".laco-output.json")
 # keys that may change between a run and its resume (they do not change the training trajectory)
 OPERATIONAL_KEYS = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "progress")
 
@@ -56,10 +60,15 @@ class DataConfig:
     max_length: int = 2048  # tokens per sample, image tokens included
     on_overflow: Literal["truncate", "drop", "raise"] = "truncate"
     num_workers: int = 0  # DataLoader worker processes
+    # a stage fails when more than this fraction of its samples is dropped (bad records at load, samples
+    # over max_length with on_overflow: drop, undecodable images): a run that trains on nothing is an error
+    max_dropped_fraction: float = 0.5
 
     def validate(self, where: str = "data") -> None:
         _check(self.max_length >= 2, f"{where}.max_length must be >= 2, got {self.max_length}")
         _check(self.num_workers >= 0, f"{where}.num_workers must be >= 0, got {self.num_workers}")
+        _check(0 <= self.max_dropped_fraction <= 1,
+               f"{where}.max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}")
 
 
 @dataclass
@@ -103,6 +112,9 @@ class StageConfig:
     def validate(self, where: str = "stage") -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
                f"{where}.name must be a simple folder name (letters, digits, _ . -), got {self.name!r}")
+        _check(self.name not in RESERVED_NAMES and not self.name.startswith("bad_records-"),
+               f"{where}.name {self.name!r} is the name of a run file; reserved: {', '.join(RESERVED_NAMES)}, "
+               "bad_records-*")
         _check(bool(self.trainable), f"{where}.trainable must list at least one of {PARAM_GROUPS}")
         for g in self.trainable:
             _check(g in PARAM_GROUPS, f"{where}.trainable has unknown group {g!r}; expected some of {PARAM_GROUPS}")
@@ -252,6 +264,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan would train forever or nothing
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

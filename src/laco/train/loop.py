@@ -43,11 +43,13 @@ from laco.train.checkpoint import (
     TrainerState,
     clean_temporary,
     completed_stages,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     save_stage_model,
+    verified_checkpoint,
 )
+from laco.io import atomic_write_text
+from laco.safety import OutputLock, check_output_path, write_marker
 from laco.train.config import DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ RUN_CONFIG_FILE = "run_config.yaml"
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm became NaN/inf; training stopped before updating the weights."""
+
+
+class EmptyStageError(ValueError):
+    """A stage made no optimizer update, or dropped more of its samples than ``max_dropped_fraction``."""
 
 
 @dataclass
@@ -276,10 +282,28 @@ def make_accelerator(config: RunConfig):
 
 
 # -- the run -------------------------------------------------------------------------------------
-def _prepare_output(accelerator, config: RunConfig, resume: bool) -> None:
+def _prepare_output(accelerator, config: RunConfig, resume: bool) -> OutputLock | None:
     """Refuse to overwrite a run or to resume one whose config changed (checked on every process, so all
-    stop together); the main process then clears half-written leftovers and saves the config."""
-    out = Path(config.output_dir)
+    stop together); the main process takes the folder's lock (a second run into it is refused), clears
+    half-written leftovers and saves the config. Returns the lock (main process) to release at the end."""
+    out = check_output_path(config.output_dir, "output_dir")
+    lock = OutputLock(out, "run's output_dir").acquire() if accelerator.is_main_process else None
+    try:
+        _check_resumable(out, config, resume)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        clean_temporary(out)
+        save_run_config(config, out / RUN_CONFIG_FILE)
+        write_marker(out, "train")
+    accelerator.wait_for_everyone()
+    return lock
+
+
+def _check_resumable(out: Path, config: RunConfig, resume: bool) -> None:
     saved = out / RUN_CONFIG_FILE
     if saved.exists():
         if not resume:
@@ -289,18 +313,12 @@ def _prepare_output(accelerator, config: RunConfig, resume: bool) -> None:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ValueError(f"cannot resume {out}: the config changed since the run started ({', '.join(changed)})")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        clean_temporary(out)
-        save_run_config(config, saved)
-    accelerator.wait_for_everyone()
 
 
 def _resume_point(out: Path, names: list[str]) -> tuple[int, Path | None]:
     """(number of completed stages, the newest checkpoint of the next stage or None)."""
     done = completed_stages(out, names)
-    ckpt = latest_checkpoint(out)
+    ckpt = verified_checkpoint(out)
     if ckpt is not None and TrainerState.from_json(ckpt / STATE_FILE).stage_index != done:
         ckpt = None  # a finished stage's leftover: its model directory supersedes it
     return done, ckpt
@@ -310,8 +328,14 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
     """Drop metric lines after ``global_step`` (written by a killed run after its last checkpoint)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["global_step"] <= global_step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    keep = []
+    for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            if ln.strip() and json.loads(ln)["global_step"] <= global_step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a kill: a log line, not state
+            logger.warning("%s:%d: dropping an unreadable metrics line", path, i)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def train(
@@ -339,11 +363,19 @@ def train(
     config = config if isinstance(config, RunConfig) else load_run_config(config)
     config.validate()
     acc = accelerator or make_accelerator(config)
-    out = Path(config.output_dir)
     # load and check every stage's data before any training
     data = [_resolve_data(train_data, s, config, processor.image_token, config.progress and acc.is_main_process)
             for s in config.stages]
-    _prepare_output(acc, config, resume)
+    lock = _prepare_output(acc, config, resume)
+    try:
+        return _train_stages(acc, model, processor, config, data, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_stages(acc, model: nn.Module, processor, config: RunConfig, data: list, resume: bool) -> TrainResult:
+    out = Path(config.output_dir)
     if acc.is_main_process:
         for s, (ds, _) in zip(config.stages, data):
             if ds.bad_records:
@@ -416,7 +448,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     name = {"constant": "constant_with_warmup"}.get(stage.scheduler, stage.scheduler)
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
-    step = epoch = skip = samples_seen = 0
+    step = epoch = skip = samples_seen = updates = requested = 0
     last_loss = None
     if ckpt is not None:
         st = load_checkpoint(acc, ckpt)
@@ -429,6 +461,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
         scheduler.load_state_dict(st.scheduler)
         step, epoch, skip, samples_seen, global_step, last_loss = (st.step, st.epoch, st.batches_in_epoch,
                                                                     st.samples_seen, st.global_step, st.last_loss)
+        updates, requested = (st.updates, st.samples_requested) if st.samples_requested else (step, samples_seen)
         logger.info("resumed stage %r at step %d (epoch %d, batch %d) from %s", stage.name, step, epoch, skip, ckpt)
 
     frozen_eval = not stage.gradient_checkpointing  # checkpointing only acts on modules in train mode
@@ -441,7 +474,7 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     def make_state() -> TrainerState:
         return TrainerState(si, stage.name, step, global_step, epoch, batches_in_epoch, samples_seen,
                             acc.num_processes, stage.batch_size, stage.grad_accum, len(ds), scheduler.state_dict(),
-                            last_loss)
+                            last_loss, updates, requested)
 
     batches_in_epoch = skip
     while step < total:
@@ -451,7 +484,10 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
         batches.set_epoch(epoch)
         batches_in_epoch, skip = skip, 0
         for window in _windows(batches, stage.grad_accum):
-            loss, grad_norm, n_tok, n_samp = _optimizer_step(acc, wrapped, optimizer, window, stage)
+            st = _optimizer_step(acc, wrapped, optimizer, window, stage)
+            loss, grad_norm, n_tok, n_samp = st.loss, st.grad_norm, st.tokens, st.samples
+            updates += st.updated
+            requested += st.requested
             lrs = _group_lrs(optimizer)  # the learning rates this step used
             scheduler.step()
             step += 1
@@ -476,12 +512,15 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
             epoch += 1
             batches_in_epoch = 0
     bar.close()
+    dropped = _check_stage_trained(stage, dc, ds, updates, requested, samples_seen)
 
     model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
     acc.free_memory()  # release the wrappers / optimizer; the next stage prepares again
     merge_lora(model)
     model.eval()
-    info = {"stage": stage.name, "index": si, "steps": step, "global_step": global_step, "last_loss": last_loss}
+    info = {"stage": stage.name, "index": si, "steps": step, "global_step": global_step, "last_loss": last_loss,
+            "updates": updates, "samples_requested": requested, "samples_dropped": dropped,
+            "bad_records": len(ds.bad_records)}
     model_dir = save_stage_model(acc, model, processor, out, stage.name, info)
     if acc.is_main_process:  # this stage's mid-stage checkpoints are superseded by its model directory
         for p in (out / CHECKPOINT_DIR).glob("checkpoint-*"):
@@ -491,14 +530,52 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     return StageResult(stage.name, step, model_dir, losses), global_step
 
 
-def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfig) -> tuple[float, float | None, int, int]:
-    """Forward/backward every micro-batch of ``window``, then one optimizer step. Returns
-    (global token-mean loss, grad norm, global non-pad tokens, global samples)."""
+def _zero_loss(model) -> torch.Tensor:
+    """0 that depends on every trainable parameter: backward then gives zero gradients everywhere, so
+    collectives (DDP, ZeRO) stay aligned and ``backward`` has a graph even when no trained part was used."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, summed over all processes."""
+
+    loss: float
+    grad_norm: float | None
+    tokens: int  # non-pad tokens
+    samples: int  # samples kept
+    requested: int  # samples drawn (kept + dropped by the collator)
+    updated: bool  # False when the whole global batch had no label token
+
+
+def _check_stage_trained(stage: StageConfig, dc: DataConfig, ds: LlavaDataset, updates: int, requested: int,
+                         kept: int) -> int:
+    """Raise ``EmptyStageError`` when the stage made no update or dropped more than ``dc.max_dropped_fraction``
+    of its samples (records rejected when the data was loaded, plus samples the collator dropped); else
+    return the number dropped in training."""
+    dropped = max(requested - kept, 0)
+    bad = len(ds.bad_records)
+    why = (f"{dropped} of {requested} samples drawn were dropped in training (over max_length with on_overflow: "
+           f"drop, or images that failed to decode) and {bad} of {len(ds) + bad} records were rejected when "
+           f"the data was loaded")
+    if updates == 0:
+        raise EmptyStageError(f"stage {stage.name!r} made no optimizer update: {why}")
+    worst = max(dropped / max(requested, 1), bad / max(len(ds) + bad, 1))
+    if worst > dc.max_dropped_fraction:
+        raise EmptyStageError(f"stage {stage.name!r} dropped more than max_dropped_fraction "
+                              f"({dc.max_dropped_fraction}) of its samples: {why}")
+    return dropped
+
+
+def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfig) -> StepStats:
+    """Forward/backward every micro-batch of ``window``, then one optimizer step."""
     device = acc.device
     local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window),
                           sum(int(b["attention_mask"].sum()) for b in window),
-                          sum(int(b["input_ids"].shape[0]) for b in window)], dtype=torch.float64, device=device)
-    n_items, n_tok, n_samp = acc.reduce(local, reduction="sum").tolist()
+                          sum(int(b["input_ids"].shape[0]) for b in window),
+                          sum(int(b.get("num_requested", b["input_ids"].shape[0])) for b in window)],
+                         dtype=torch.float64, device=device)
+    n_items, n_tok, n_samp, n_req = acc.reduce(local, reduction="sum").tolist()
     scale = acc.num_processes / max(n_items, 1.0)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for j, batch in enumerate(window):
@@ -506,11 +583,13 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
         acc.sync_gradients = last  # the DeepSpeed accumulation boundary; DDP syncs outside no_sync
         with nullcontext() if last else acc.no_sync(model):
             if batch["input_ids"].shape[0] == 0:  # every sample dropped: a zero loss keeps collectives aligned
-                loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+                loss = _zero_loss(model)
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             pixel_values=batch.get("pixel_values"), use_cache=False)
                 loss = token_loss_sum(out.logits, batch["labels"])
+                if batch.get("pixel_values") is None:  # text-only: the image path (maybe all that trains) unused
+                    loss = loss + _zero_loss(model)
             loss_sum += loss.detach().double()
             acc.backward(loss * scale)
     loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_items, 1.0)
@@ -523,7 +602,7 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
     if n_items == 0:  # every sample of the global batch was dropped: no update (the step still counts)
         logger.warning("stage %r: a global batch without label tokens; skipping its update", stage.name)
         optimizer.zero_grad(set_to_none=True)
-        return float("nan"), None, int(n_tok), int(n_samp)
+        return StepStats(float("nan"), None, int(n_tok), int(n_samp), int(n_req), updated=False)
     grad_norm = None
     if stage.max_grad_norm is not None:
         # all parameters (frozen ones have no gradient): FSDP needs exactly the model's parameter list
@@ -535,7 +614,7 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
                                      "the weights (the last good checkpoint is kept)")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm, int(n_tok), int(n_samp)
+    return StepStats(loss_value, grad_norm, int(n_tok), int(n_samp), int(n_req), updated=True)
 
 
 def _group_lrs(optimizer) -> dict[str, float]:
