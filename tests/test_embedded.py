@@ -105,3 +105,15 @@ def test_bad_config_is_a_clear_error():
         E.EmbeddedDataConfig(task_weights={"colour": 1.0})
     with pytest.raises(ValueError, match="unknown split"):
         E.scenes_for_split("dev", 2)
+
+
+def test_truncated_cache_is_rebuilt(tmp_path):
+    cfg = E.EmbeddedDataConfig(**SMALL)
+    first = E.build_embedded_dataset(cfg, tmp_path / "c", progress=False)
+    arrays = first.root / "arrays.npz"
+    good = arrays.read_bytes()
+    arrays.write_bytes(good[: len(good) // 3])  # a kill or a full disk mid-copy
+    with pytest.warns(UserWarning, match="arrays.npz does not match its checksum.*rebuilding"):
+        again = E.build_embedded_dataset(cfg, first.root, progress=False)
+    assert arrays.read_bytes() == good
+    np.testing.assert_array_equal(again.scenes["train"].images, first.scenes["train"].images)

@@ -20,6 +20,8 @@ from laco.safety import OutputLock, check_replaceable, open_image, verify_checks
 from laco.train import RunConfig, StageConfig, list_checkpoints, train
 from laco.train import loop as loop_module
 from laco.train.loop import EmptyStageError
+from test_train import Crash
+from test_train import _crash_after as crash_after
 
 torch.set_num_threads(2)
 ALIGN = ["compressor", "projector"]
@@ -39,23 +41,6 @@ def cfg(out, max_steps=6, **kw):
     stage = StageConfig("align", list(ALIGN), learning_rate=1e-2, max_steps=max_steps, batch_size=4, warmup_steps=0)
     return RunConfig(output_dir=str(out), stages=[stage], progress=False, log_every=1,
                      **{"save_every": 2, "keep_checkpoints": 3, **kw})
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after(monkeypatch, n_steps):
-    real = loop_module._optimizer_step
-    calls = {"n": 0}
-
-    def step(*args, **kwargs):
-        if calls["n"] == n_steps:
-            raise Crash("simulated crash")
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop_module, "_optimizer_step", step)
 
 
 def crashed_run(out, toy, monkeypatch, n_steps=5):

@@ -33,13 +33,21 @@ MAX_IMAGE_PIXELS = 64_000_000
 # -- reading user files ------------------------------------------------------------------------------
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; a missing, unreadable or malformed file is an error naming it."""
+    text, path = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not valid JSON ({err}): {path}") from None
+
+
+def _read_text(path: str | os.PathLike, what: str) -> tuple[str, Path]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} is not valid JSON ({err}): {path}") from None
+        return path.read_text(encoding="utf-8"), path
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} is not UTF-8 text ({err}): {path}") from None
 
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
@@ -52,12 +60,10 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[s
 def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    text, path = _read_text(path, what)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
         reason = " ".join(str(err).split())
         raise ValueError(f"{what} is not valid YAML ({reason}): {path}") from None
 

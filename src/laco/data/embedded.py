@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from laco.safety import verify_checksums, write_checksums
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 GENERATED_CLASSES = ["circle", "square", "triangle", "diamond", "plus", "cross", "ring", "frame", "bar", "star"]
@@ -436,9 +438,13 @@ def build_embedded_dataset(config: EmbeddedDataConfig | None = None, out_dir: st
     source = get_item_source(config.source)
     root = Path(out_dir) if out_dir is not None else default_cache_dir() / "data" / f"{source.name}-{config.key(source.name)}"
     if (root / "meta.json").exists():
-        meta = json.loads((root / "meta.json").read_text())
-        if meta.get("key") == config.key(source.name):
-            return _load(root, config)
+        problem = verify_checksums(root)
+        if problem is None:
+            meta = json.loads((root / "meta.json").read_text())
+            if meta.get("key") == config.key(source.name):
+                return _load(root, config)
+        else:  # a truncated or edited cache would load wrong scenes or fail cryptically: rebuild it
+            warnings.warn(f"data cache {root} is incomplete or corrupt ({problem}); rebuilding", stacklevel=2)
     tmp = root.with_name(root.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {"train": config.num_train, "val": config.num_val, "test": config.num_test}
@@ -459,6 +465,7 @@ def build_embedded_dataset(config: EmbeddedDataConfig | None = None, out_dir: st
     _write_json(tmp / "meta.json", {"key": config.key(source.name), "source": source.name,
                                     "class_names": source.class_names, "counts": counts, "config": asdict(config),
                                     "dot_colours": list(DOT_COLOURS), "positions": POSITIONS})
+    write_checksums(tmp)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)  # the folder appears complete or not at all
     return EmbeddedDataset(root, source.name, source.class_names, scenes, config)

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from laco.data.embedded import DOT_COLOURS, EmbeddedDataConfig, compose_scenes, default_cache_dir, get_item_source
+from laco.safety import verify_checksums as _verify
+from laco.safety import write_checksums
 
-CHECKSUM_FILE = "checksums.sha256"
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 NUM_CLASSES = 10  # both item sources (Fashion-MNIST, generated) have 10 classes  # SigLIP normalisation: [0, 255] -> [-1, 1]
 
@@ -170,26 +171,9 @@ def pretrain_encoder(config: PretrainConfig, *, progress: bool = True):
 
 
 # -- cache ----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_checksums(folder: Path) -> None:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
-    (folder / CHECKSUM_FILE).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
-
-
 def verify_checksums(folder: Path) -> bool:
     """True when every file listed in the checksum file exists and matches (and the list is not empty)."""
-    sums = folder / CHECKSUM_FILE
-    if not sums.exists():
-        return False
-    lines = [ln.split("  ", 1) for ln in sums.read_text().splitlines() if ln.strip()]
-    return bool(lines) and all((folder / name).exists() and _sha256(folder / name) == digest for digest, name in lines)
+    return _verify(folder) is None
 
 
 def encoder_cache_path(config: PretrainConfig | None = None, cache_dir: str | Path | None = None) -> Path:
