@@ -82,6 +82,9 @@ def workdir(tmp_path_factory) -> Path:
         model = build_model(overrides)
         model.save_pretrained(root / name)
         tiny_laco_processor(model.config).save_pretrained(root / name)
+    model = build_model({})  # AnyRes is not served yet: must fail at load, naming it
+    model.save_pretrained(root / "anyres")
+    tiny_laco_processor(model.config, anyres_grids=[[1, 1], [1, 2]]).save_pretrained(root / "anyres")
     return root
 
 
@@ -103,6 +106,7 @@ def offline(workdir):
     for name in MODELS:
         proc = tiny_laco_processor(build_model(MODELS[name]).config)
         runs.append({"model": str(workdir / name), "max_tokens": MAX_TOKENS, "requests": requests_for(workdir, proc)})
+    runs.append({"model": str(workdir / "anyres"), "expect_error": True})
     job, out = workdir / "job.json", workdir / "out.json"
     job.write_text(json.dumps({"runs": runs, "engine": ENGINE}))
     env = {**ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine core in-process: one start-up less per model
@@ -110,7 +114,9 @@ def offline(workdir):
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     results = json.loads(out.read_text())
-    return {name: (run["requests"], got) for name, run, got in zip(MODELS, runs, results)}
+    named = {name: (run["requests"], got) for name, run, got in zip(MODELS, runs, results)}
+    named["anyres"] = (None, results[-1])
+    return named
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -129,6 +135,26 @@ def test_offline_greedy_equals_transformers(workdir, offline, name):
         assert res["token_ids"] == ids, f"{name}: {req}"
         answers.append(ids)
     assert answers[0] != answers[1], "the two images gave the same tokens: the test would miss an image mix-up"
+
+
+def test_unsupported_configs_fail_at_load(offline):
+    error = offline["anyres"][1]["error"]
+    assert error is not None and "AnyRes" in error and "not supported yet" in error, error
+
+
+def test_check_config_names_what_is_unsupported():
+    from types import SimpleNamespace
+
+    from laco.serve.vllm_model import UnsupportedLaCoConfig, check_config
+
+    config = build_model({}).config
+    check_config(config)  # served as is
+    parallel = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1))
+    with pytest.raises(UnsupportedLaCoConfig, match="tensor_parallel_size=2"):
+        check_config(config, parallel)
+    config.image_token = "<img>"
+    with pytest.raises(UnsupportedLaCoConfig, match="'<img>'"):
+        check_config(config)
 
 
 # -- vllm serve + the openai client ---------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 JOB: ``{"runs": [{"model": DIR, "max_tokens": N, "requests": [{"prompt": str, "images": [png path, ...]}]}],
 "engine": {extra vllm.LLM kwargs}}``. All runs share this process, one engine at a time (imports once).
-OUT: ``[[{"prompt_token_ids": [...], "token_ids": [...]} for each request] for each run]``.
+A run with ``"expect_error": true`` only builds the engine and records the traceback (a load failure).
+OUT: ``[[{"prompt_token_ids": [...], "token_ids": [...]} for each request] or {"error": traceback}, per run]``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import traceback
 
 
 def main(job_path: str, out_path: str) -> None:
@@ -21,6 +23,14 @@ def main(job_path: str, out_path: str) -> None:
     job = json.loads(open(job_path).read())
     results = []
     for run in job["runs"]:
+        if run.get("expect_error"):
+            try:
+                LLM(model=run["model"], **job.get("engine", {}))
+                results.append({"error": None})
+            except Exception:  # noqa: BLE001 -- the test reads the message
+                results.append({"error": traceback.format_exc()})
+            gc.collect()
+            continue
         llm = LLM(model=run["model"], **job.get("engine", {}))
         prompts = []
         for req in run["requests"]:

@@ -109,6 +109,9 @@ class LaCoProcessingInfo(BaseProcessingInfo):
         return {"image": None}
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # vLLM asks this at start-up (encoder budget): check the saved processor there, so that an
+        # unsupported one fails at load rather than at the first request
+        self.get_hf_processor()
         return {"image": self.num_image_tokens}  # every image is resized to one size: one token count
 
 
