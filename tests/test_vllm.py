@@ -241,3 +241,29 @@ def test_server_bad_requests_are_clear_4xx_and_it_keeps_serving(workdir, server)
         assert 400 <= info.value.status_code < 500, what
         assert text in str(info.value), f"{what}: {info.value}"
         assert ask(server, [good]).choices[0].message.content == first, f"server broken after {what}"
+
+
+# -- the serving benchmark (slow: one engine start per method) ----------------------------------------
+@pytest.mark.slow
+def test_serve_bench_runs_every_cell(tmp_path):
+    code = f"""
+import json
+from laco.serve.bench import ServeBenchConfig, run_serve_bench, write_serve_report
+if __name__ == "__main__":
+    cfg = ServeBenchConfig(vision="tiny-siglip", methods="none,post,laco@1/4", output_lens=(1, 4), concurrency=(1, 2),
+                           requests=3, dtype="float32", max_model_len=512, enforce_eager=True,
+                           llm_overrides=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1))
+    write_serve_report(run_serve_bench(cfg, progress=False), {str(tmp_path)!r}, plot_png=False)
+"""
+    script = tmp_path / "bench.py"
+    script.write_text(code)
+    res = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-6000:]
+    result = json.loads((tmp_path / "tiny-siglip_qwen2-0.5b.json").read_text())
+    tokens = {m: v["image_tokens"] for m, v in result["methods"].items()}
+    assert tokens == {"none": 64, "laco@post": 16, "laco@1/4": 16}  # 8x8 patches, r = 2
+    for m in result["methods"].values():
+        cells = {(c["output_len"], c["concurrency"]) for c in m["cells"]}
+        assert cells == {(1, 1), (1, 2), (4, 1), (4, 2)}
+        assert all(c["output_tokens_per_s"] == pytest.approx(c["requests_per_s"] * c["output_len"]) for c in m["cells"])
