@@ -82,10 +82,29 @@ def workdir(tmp_path_factory) -> Path:
         model = build_model(overrides)
         model.save_pretrained(root / name)
         tiny_laco_processor(model.config).save_pretrained(root / name)
+    write_llava_layout(root / "siglip-1_4", root / "llava-layout")
     model = build_model({})  # AnyRes is not served yet: must fail at load, naming it
     model.save_pretrained(root / "anyres")
     tiny_laco_processor(model.config, anyres_grids=[[1, 1], [1, 2]]).save_pretrained(root / "anyres")
     return root
+
+
+def write_llava_layout(src: Path, dst: Path) -> None:
+    """A copy of ``src`` whose weights use the LLaVA layout (base model + lm_head) instead of laco's first one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    renames = {"vision_tower.": "model.vision_tower.", "projector.": "model.multi_modal_projector.",
+               "language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head."}
+    state = load_file(src / "model.safetensors")
+    out = {}
+    for key, value in state.items():
+        old = next(p for p in renames if key.startswith(p))
+        out[renames[old] + key[len(old):]] = value
+    assert any(k.startswith("model.language_model.layers.") for k in out)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
 
 
 def requests_for(root: Path, proc) -> list[dict]:
@@ -106,6 +125,7 @@ def offline(workdir):
     for name in MODELS:
         proc = tiny_laco_processor(build_model(MODELS[name]).config)
         runs.append({"model": str(workdir / name), "max_tokens": MAX_TOKENS, "requests": requests_for(workdir, proc)})
+    runs.append({**runs[0], "model": str(workdir / "llava-layout")})
     runs.append({"model": str(workdir / "anyres"), "expect_error": True})
     job, out = workdir / "job.json", workdir / "out.json"
     job.write_text(json.dumps({"runs": runs, "engine": ENGINE}))
@@ -115,6 +135,7 @@ def offline(workdir):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     results = json.loads(out.read_text())
     named = {name: (run["requests"], got) for name, run, got in zip(MODELS, runs, results)}
+    named["llava-layout"] = (runs[-2]["requests"], results[-2])
     named["anyres"] = (None, results[-1])
     return named
 
@@ -135,6 +156,10 @@ def test_offline_greedy_equals_transformers(workdir, offline, name):
         assert res["token_ids"] == ids, f"{name}: {req}"
         answers.append(ids)
     assert answers[0] != answers[1], "the two images gave the same tokens: the test would miss an image mix-up"
+
+
+def test_llava_weight_layout_loads_the_same(offline):
+    assert offline["llava-layout"][1] == offline["siglip-1_4"][1]
 
 
 def test_unsupported_configs_fail_at_load(offline):
