@@ -367,3 +367,10 @@ def test_cli_probe_then_convert_from_probe(tmp_path):
     res = runner.invoke(app, ["convert", str(tmp_path / "imgs"), str(tmp_path / "out2"), "--from-probe",
                               str(tmp_path / "probe" / "probe.json")])
     assert isinstance(res.exception, ValueError) and "probed" in str(res.exception)  # a different checkpoint
+    weights = tmp_path / "src" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # the probed checkpoint's weights changed after the probe
+    weights.write_bytes(bytes(data))
+    res = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out3"), "--from-probe",
+                              str(tmp_path / "probe" / "probe.json")])
+    assert isinstance(res.exception, ValueError) and "changed since it was probed" in str(res.exception)

@@ -45,7 +45,7 @@ def world(tmp_path_factory) -> Path:
     from PIL import Image
 
     from laco.data import write_toy_llava
-    from laco.model.testing import save_tiny_mllm, tiny_tokenizer
+    from laco.model.testing import save_tiny_mllm
     from test_convert import save_source
 
     w = tmp_path_factory.mktemp("world")
@@ -67,7 +67,6 @@ def world(tmp_path_factory) -> Path:
     (imgs / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_json = write_toy_llava(w / "toy", n=8)
     (w / "train.yaml").write_text(yaml.safe_dump(_train_cfg(w, train_json)))
-    del tiny_tokenizer
     return w
 
 

@@ -18,7 +18,7 @@ from laco.data import load_llava, write_toy_llava
 from laco.model.testing import save_tiny_mllm, tiny_laco_model, tiny_laco_processor
 from laco.safety import OutputLock, check_replaceable, open_image, verify_checksums, write_checksums, write_marker
 from laco.train import RunConfig, StageConfig, list_checkpoints, train
-from laco.train import loop as loop_module
+from laco.train.config import DataConfig
 from laco.train.loop import EmptyStageError
 from test_train import Crash
 from test_train import _crash_after as crash_after
@@ -124,8 +124,6 @@ def test_second_concurrent_resume_is_refused(tmp_path, toy, monkeypatch):
 
 def test_stage_that_trains_nothing_fails(tmp_path, toy):
     stage = StageConfig("align", list(ALIGN), learning_rate=1e-2, max_steps=2, batch_size=4)
-    from laco.train.config import DataConfig
-
     run = RunConfig(output_dir=str(tmp_path / "r"), stages=[stage], progress=False,
                     data=DataConfig(max_length=8, on_overflow="drop"))  # every sample is longer than 8 tokens
     with pytest.raises(EmptyStageError, match=r"'align' made no optimizer update: 8 of 8 samples drawn were dropped"):
@@ -134,8 +132,6 @@ def test_stage_that_trains_nothing_fails(tmp_path, toy):
 
 
 def test_too_many_dropped_samples_fail_the_stage(tmp_path, toy):
-    from laco.train.config import DataConfig
-
     long_ids = {toy.records[i]["id"] for i in range(3)}
     recs = toy.records.to_list()
     for r in recs:  # 3 of 8 samples far over max_length
@@ -305,3 +301,19 @@ def test_pixel_limit(tmp_path):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     with pytest.raises(ValueError, match=r"100x100 pixels is over the limit of 5000 pixels: .*big\.png"):
         open_image(tmp_path / "big.png", max_pixels=5000)
+
+
+def test_resume_refuses_changed_data_content(tmp_path, monkeypatch):
+    folder = tmp_path / "d"
+    data = write_toy_llava(folder, n=8)
+    run = cfg(tmp_path / "r")
+    run.data = DataConfig(path=str(data))
+    crash_after(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train(*tiny(), None, run)
+    monkeypatch.undo()
+    recs = json.loads(data.read_text())
+    recs[0]["conversations"][1]["value"] = "A blue square."  # same number of samples, other content
+    data.write_text(json.dumps(recs))
+    with pytest.raises(ValueError, match=r"content of data file of stage 'align' changed since the run started"):
+        train(*tiny(), None, run, resume=True)

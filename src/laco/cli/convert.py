@@ -24,6 +24,14 @@ def probe_recommendation(path: Path, src_dir: Path) -> tuple[int, int]:
         raise ValueError(f"{str(path)!r} has no recommendation within its FLOP budget; pick --layer/--ratio by hand")
     if Path(str(data.get("source", ""))).resolve() != src_dir.resolve():
         raise ValueError(f"{str(path)!r} probed {data.get('source')!r}, not {str(src_dir)!r}")
+    fp_file = path.with_name(f"{path.stem}.fingerprint.json")
+    if fp_file.is_file():  # written by laco probe: the weights must still be the probed ones
+        from laco.safety import weights_identity
+
+        saved = read_json_object(fp_file, "probe fingerprint").get("model") or {}
+        if saved.get("sha256") and saved["sha256"] != weights_identity(src_dir)["sha256"]:
+            raise ValueError(f"{src_dir} changed since it was probed (weights hash differs from {fp_file}); "
+                             "probe it again")
     return int(row["layer"]), int(row["ratio"])
 
 

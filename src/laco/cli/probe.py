@@ -30,6 +30,24 @@ def parse_ratio_list(spec: str) -> list[int]:
     return ratios
 
 
+def write_fingerprint(out: Path, name: str, source: str, images: Path | None, command: str) -> None:
+    """``NAME.fingerprint.json``: what was probed (the folder's weights hash), on which images, how; marks
+    the folder as a laco probe output. ``laco convert --from-probe`` checks the weights hash."""
+    import hashlib
+    import json
+
+    from laco.io import atomic_write_text
+    from laco.safety import weights_identity, write_marker
+
+    model = weights_identity(source) if Path(source).is_dir() else {"path": source}
+    files = sorted(p for p in images.rglob("*") if p.is_file()) if images is not None else []
+    h = hashlib.sha256("".join(f"{p.relative_to(images)}:{p.stat().st_size}\n" for p in files).encode()).hexdigest()
+    fp = {"model": model, "images": {"path": str(images.resolve()) if images else None, "files_sha256": h},
+          "command": command}
+    atomic_write_text(out / f"{name}.fingerprint.json", json.dumps(fp, indent=2) + "\n")
+    write_marker(out, "probe")
+
+
 @app.command()
 def probe(
     source: str = typer.Argument(..., help="'embedded' (the project's pretrained encoder), a vision preset, or a "
@@ -55,7 +73,7 @@ def probe(
     import torch
     from rich.console import Console
 
-    from laco.safety import check_device, check_finite, check_output_path
+    from laco.safety import OutputLock, check_device, check_finite, check_output_path
     from laco.eval.probe import ProbeConfig, load_encoder_source, load_image_folder, probe_encoder
 
     check_finite("--budget", budget, low=0.0)
@@ -89,6 +107,8 @@ def probe(
     result.command = "laco probe " + " ".join(shlex.quote(str(a)) for a in (
         source, *(("--images", images) if images is not None else ()), "--layers", layers, "--ratios", ratios,
         "--budget", budget, "--metric", metric, "--max-images", max_images, "--seed", seed, "--out", out, "--name", name))
-    paths = result.save(out, stem=name)
+    with OutputLock(out, "probe output folder"):  # one writer at a time
+        paths = result.save(out, stem=name)
+        write_fingerprint(out, name, source, images, result.command)
     print(result.to_markdown())
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['png']}")

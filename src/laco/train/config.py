@@ -43,7 +43,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # files and folders of a run's output_dir: a stage (whose model is saved in output_dir/<name>) cannot take them
-RESERVED_NAMES = ("run_config.yaml", "metrics.jsonl", "training.png", "checkpoints", "tensorboard",
+RESERVED_NAMES = ("run_config.yaml", "metrics.jsonl", "training.png", "checkpoints", "tensorboard", "fingerprint.json",
                   "checksums.sha256", ".laco.lock", ".laco-output.json")
 # keys that may change between a run and its resume (they do not change the training trajectory)
 OPERATIONAL_KEYS = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "progress")

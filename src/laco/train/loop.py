@@ -49,13 +49,22 @@ from laco.train.checkpoint import (
     verified_checkpoint,
 )
 from laco.io import atomic_write_text
-from laco.safety import OutputLock, check_output_path, write_marker
+from laco.safety import (
+    OutputLock,
+    check_output_path,
+    file_identity,
+    fingerprint_mismatch,
+    read_json_object,
+    weights_identity,
+    write_marker,
+)
 from laco.train.config import DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.yaml"
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -298,6 +307,7 @@ def _prepare_output(accelerator, config: RunConfig, resume: bool) -> OutputLock 
     if accelerator.is_main_process:
         clean_temporary(out)
         save_run_config(config, out / RUN_CONFIG_FILE)
+        atomic_write_text(out / FINGERPRINT_FILE, json.dumps(run_fingerprint(config), indent=2) + "\n")
         write_marker(out, "train")
     accelerator.wait_for_everyone()
     return lock
@@ -313,6 +323,27 @@ def _check_resumable(out: Path, config: RunConfig, resume: bool) -> None:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
             raise ValueError(f"cannot resume {out}: the config changed since the run started ({', '.join(changed)})")
+        if (out / FINGERPRINT_FILE).is_file():
+            saved = read_json_object(out / FINGERPRINT_FILE, "run fingerprint")
+            changed = fingerprint_mismatch(saved, run_fingerprint(config))
+            if changed:
+                raise ValueError(f"cannot resume {out}: the content of {', '.join(changed)} changed since the run "
+                                 "started (sha256 differs); start a new output_dir")
+
+
+def run_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """Content hashes of what a run reads from disk: each stage's data file and the model source folders."""
+    fp: dict[str, Any] = {}
+    for s in config.stages:
+        dc = config.stage_data(s)
+        if dc is not None and dc.path is not None and Path(dc.path).is_file():
+            fp[f"data file of stage {s.name!r}"] = file_identity(dc.path)
+    m = config.model
+    for key in ("pretrained", "vision", "llm"):
+        folder = getattr(m, key, None) if m is not None else None
+        if folder and Path(folder).is_dir():
+            fp[f"model.{key}"] = weights_identity(folder)
+    return fp
 
 
 def _resume_point(out: Path, names: list[str]) -> tuple[int, Path | None]:
