@@ -127,6 +127,10 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         # (device_map="auto", FSDP auto-wrap): name them here; the LLM's are collected by post_init
         self._no_split_modules = list(getattr(self.vision_tower.vision_model, "_no_split_modules", None) or [])
         self.post_init()
+        # keep only classes this model holds: SiglipVisionModel also names SigLIP's text and pooling-head
+        # classes, and accelerate's FSDP auto-wrap refuses a class it cannot find
+        present = {type(m).__name__ for m in self.modules()}
+        self._no_split_modules = sorted(n for n in self._no_split_modules if n in present)
 
     # -- bookkeeping --------------------------------------------------------------------------
     @property

@@ -281,13 +281,38 @@ def make_accelerator(config: RunConfig):
     # without a GPU, say so: then torchrun-launched processes form a gloo group (accelerate's MULTI_CPU)
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     cpu = os.environ.get("ACCELERATE_USE_CPU", str(no_gpu)).lower() in ("1", "true", "yes")
-    return Accelerator(
+    acc = Accelerator(
         cpu=cpu,
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         log_with="tensorboard" if config.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)],
     )
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(acc)
+    return acc
+
+
+def _fsdp_on_cpu(acc) -> None:
+    """Turn a multi-CPU (gloo) accelerator into an FSDP2 one.
+
+    ``accelerate launch`` with an FSDP config on a machine without GPUs starts the processes with the
+    FSDP settings in the environment, but accelerate 1.15 enables FSDP only for GPU-like devices and
+    silently falls back to DDP (MULTI_CPU). torch's ``fully_shard`` runs on CPU with gloo, so set the
+    state accelerate would have set: the same sharded code path as on GPUs (sharded prepare, DCP
+    checkpoints, full-state-dict gathering), testable on a CPU (``configs/accelerate/fsdp_cpu.yaml``).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type != DistributedType.MULTI_CPU:
+        return  # one process: nothing to shard
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch sets
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"FSDP on CPU needs fsdp_version: 2 (fully_shard), got {plugin.fsdp_version}; "
+                         "see configs/accelerate/fsdp_cpu.yaml")
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -394,6 +419,7 @@ def train(
     config = config if isinstance(config, RunConfig) else load_run_config(config)
     config.validate()
     acc = accelerator or make_accelerator(config)
+    _check_sharding(acc, config)
     # load and check every stage's data before any training
     data = [_resolve_data(train_data, s, config, processor.image_token, config.progress and acc.is_main_process)
             for s in config.stages]
@@ -437,6 +463,18 @@ def _train_stages(acc, model: nn.Module, processor, config: RunConfig, data: lis
 
         plot_metrics(out / METRICS_FILE)  # out/training.png
     return TrainResult(out, results[-1].model_dir, global_step, results, out / METRICS_FILE, model)
+
+
+def _check_sharding(acc, config: RunConfig) -> None:
+    """Refuse, before any training, what the sharded (FSDP) path cannot do yet."""
+    from accelerate.utils import DistributedType
+
+    lora = [s.name for s in config.stages if s.lora is not None]
+    if acc.distributed_type == DistributedType.FSDP and lora:
+        # merge_and_unload writes into parameters that FSDP holds as sharded DTensors; on CPU it fails with
+        # "Attempted to access the data pointer on an invalid python storage" after the stage has trained
+        raise ValueError(f"stage(s) {lora} use LoRA, which is not supported under FSDP (the adapters are merged "
+                         "at the stage end, into sharded weights); use DDP or DeepSpeed, or train the LLM fully")
 
 
 def _load_stage_weights(model: nn.Module, stage_dir: Path) -> int:
