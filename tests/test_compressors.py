@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import laco
@@ -28,8 +28,7 @@ def test_unknown_compressor_lists_known_ones():
 @settings(max_examples=8, deadline=None)
 @given(h=st.integers(2, 9), w=st.integers(2, 9), r=st.sampled_from([2, 3]))
 def test_token_count_and_grid(name, h, w, r):
-    if r > min(h, w) and name == "tome":
-        return
+    assume(not (r > min(h, w) and name == "tome"))  # ToMe cannot reach a grid coarser than its input
     comp = laco.create_compressor(name, DIM, ratio=r)
     x = torch.randn(2, h * w, DIM)
     y, grid = comp(x, (h, w))

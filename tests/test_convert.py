@@ -34,7 +34,6 @@ from laco.model.convert import (
 )
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_tokenizer
 
-torch.set_num_threads(2)
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
               patch_size=8)

@@ -13,7 +13,6 @@ from laco.data import BadRecordError, LlavaCollator, load_llava, write_toy_llava
 from laco.data.collator import IGNORE_INDEX
 from laco.model.testing import tiny_laco_config, tiny_laco_processor
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

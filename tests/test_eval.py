@@ -140,7 +140,6 @@ def tiny():
     from laco.model.processing import LaCoProcessor
     from laco.model.testing import tiny_laco_model, tiny_tokenizer
 
-    torch.set_num_threads(2)
     model = tiny_laco_model(seed=0)
     return model, LaCoProcessor.from_model_config(model.config, tiny_tokenizer())
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from laco.cli import app
 from laco.model.testing import save_tiny_mllm
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

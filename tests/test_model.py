@@ -8,7 +8,6 @@ import torch
 import laco
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_laco_config, tiny_laco_model
 
-torch.set_num_threads(2)
 IMG = TINY_IMAGE_TOKEN_ID
 
 

@@ -23,7 +23,6 @@ from laco.eval.probe import (
     spearman,
 )
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import laco
 from laco.model.processing import select_tile_grid
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_laco_model, tiny_tokenizer
 
-torch.set_num_threads(2)
 
 
 def _img(h=40, w=90, seed=0):

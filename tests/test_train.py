@@ -33,7 +33,6 @@ from laco.train import (
 )
 from laco.train import loop as loop_module
 
-torch.set_num_threads(2)
 
 ALIGN = ["compressor", "projector"]
 
