@@ -209,3 +209,46 @@ def test_real_siglip_so400m_forward_729_to_196():
         out = enc(torch.randn(1, 3, 384, 384))
     assert enc.merge_layers == [7]
     assert out.grid == (14, 14) and out.last_hidden_state.shape == (1, 196, 1152)
+
+
+LAYER_SPECS = [0, "1/4", 2, "post", [1, "post"], [0, "1/2"]]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("final_norm", [None, True, False])
+@pytest.mark.parametrize("layer", LAYER_SPECS, ids=str)
+def test_forward_from_a_cached_state_equals_forward(name, final_norm, layer):
+    """The uncompressed encoder's state after k layers (any k up to the first merge), finished by
+    ``forward_from``, gives the compressed forward's output and grid (the cached-state path of compare)."""
+    model = build(name)
+    enc = laco.compress_encoder(model, "laco", layer=layer, ratio=2, final_norm=final_norm)
+    with torch.no_grad():  # a non-zero PML, so that skipping or repeating a merge would show
+        for p in enc.compressors.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    px = pixels()
+    grid = enc.adapter.patch_grid(px)
+    with torch.no_grad():
+        ref = enc(px)
+        states = laco.compress_encoder(model, "none").eval()(px, output_hidden_states=True).hidden_states
+        for k in range(min(enc.merge_layers) + 1):
+            out = enc.forward_from(states[k], grid, k)
+            assert out.grid == ref.grid, k
+            torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5, msg=str(k))
+    seg = enc.segments()
+    assert [s.merge for s in seg if s.merge is not None] == enc.merge_layers  # every merge once, in order
+    assert sum(s.stop == enc.num_layers for s in seg) == 1 and seg[0].start == 0
+    with pytest.raises(ValueError, match="past the merge|start must be in"):
+        enc.forward_from(states[0], grid, min(enc.merge_layers) + 1)
+
+
+@pytest.mark.parametrize("final_norm", [True, False])
+def test_final_norm_setting_reaches_the_post_merge(final_norm):
+    """``final_norm=False`` (a converted LLaVA tower) never norms, also from the state after the last layer."""
+    model = build("tiny-siglip")
+    enc = laco.compress_encoder(model, "avg_pool", layer="post", ratio=2, final_norm=final_norm)
+    px = pixels()
+    with torch.no_grad():
+        last = model(px, output_hidden_states=True).hidden_states[-1]  # after the last layer, not normed
+        normed = model.post_layernorm(last) if final_norm else last
+        out = enc.forward_from(last, enc.adapter.patch_grid(px), enc.num_layers)
+    torch.testing.assert_close(out.last_hidden_state, avg_pool_patches(normed, 0, (8, 8)))

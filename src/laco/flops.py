@@ -78,14 +78,12 @@ def encoder_cost(encoder: CompressedVisionEncoder, image_size: int | tuple[int, 
     layer = lambda n: vit_layer_flops(n + prefix, a.dim, a.mlp_dim, a.mlp_matrices)  # noqa: E731
     params = {"embed": a.embed_params()}
     flops = {"embed": 2 * n_in * a.dim * a.patch_size**2 * a.config.num_channels}
-    start, cur = 0, grid
-    for k in [*encoder.merge_layers, None]:
-        stop = encoder.num_layers if k is None else min(k, encoder.num_layers)
+    cur = grid
+    for start, stop, k in encoder.segments():  # the forward's own loop, as data
         if stop > start:
             name = f"layers[{start}:{stop}]"
             params[name] = sum(num_params(a.layers[i]) for i in range(start, stop))
             flops[name] = (stop - start) * layer(cur[0] * cur[1])
-            start = stop
         if k is not None:
             comp = encoder.compressors[str(k)]
             params[f"merge@{k}"] = num_params(comp)

@@ -75,15 +75,13 @@ def encoder_parts(encoder: CompressedVisionEncoder, image_size: int | tuple[int,
     prefix = encoder.num_prefix_tokens
     embed = 2 * grid[0] * grid[1] * a.dim * a.patch_size**2 * a.config.num_channels  # the patchify conv
     parts = [Part("encoder.embed", "encoder", embed, 0, input_linear=embed)]
-    start, cur = 0, grid
-    for k in [*encoder.merge_layers, None]:
-        stop = encoder.num_layers if k is None else min(k, encoder.num_layers)
+    cur = grid
+    for start, stop, k in encoder.segments():  # the forward's own loop, as data
         if stop > start:
             t = cur[0] * cur[1] + prefix  # tokens every layer of this run sees
             total = (stop - start) * vit_layer_flops(t, a.dim, a.mlp_dim, a.mlp_matrices)
             attn = (stop - start) * attention_flops(t, t, a.dim)
             parts.append(Part(f"encoder.layers[{start}:{stop}]", "encoder", total - attn, attn))
-            start = stop
         if k is not None:
             comp = encoder.compressors[str(k)]
             f = comp.flops(cur)

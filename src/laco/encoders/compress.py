@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
@@ -40,6 +40,14 @@ from laco.encoders.adapters import EncoderAdapter, get_adapter
 from laco.ops import Grid, join_prefix, split_prefix
 
 LayerSpec = Union[int, float, str]
+
+
+class Segment(NamedTuple):
+    """``layers[start:stop]`` of the encoder, then the merge after ``stop`` layers (None: no merge)."""
+
+    start: int
+    stop: int
+    merge: int | None
 
 
 @dataclass
@@ -128,35 +136,67 @@ class CompressedVisionEncoder(nn.Module):
         h, w = self.output_grid(grid)
         return h * w + (self.num_prefix_tokens if include_prefix else 0)
 
-    # -- forward ------------------------------------------------------------------------------
+    # -- the layer loop ---------------------------------------------------------------------------
+    def segments(self) -> list[Segment]:
+        """The loop as data: runs of layers between merges, in order (the FLOP counters walk the same list).
+
+        ``Segment(start, stop, merge)``: ``layers[start:stop]``, then the merge at ``stop`` (``merge=None``:
+        none). Exactly one segment has ``stop == num_layers``: the final norm follows its layers, before
+        its merge (a "post" merge sees normed features).
+        """
+        out, start = [], 0
+        for k in self.merge_layers:
+            out.append(Segment(start, k, k))
+            start = k
+        if not out or out[-1].stop < self.num_layers:
+            out.append(Segment(start, self.num_layers, None))
+        return out
+
     def _merge(self, k: int, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
         prefix, patches = split_prefix(x, self.num_prefix_tokens)
         patches, grid = self.compressors[str(k)](patches, grid)
         return join_prefix(prefix, patches), grid
 
-    def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, interpolate_pos_encoding: bool = False
+    def forward_from(
+        self, hidden: torch.Tensor, grid: Grid, start: int = 0, *, output_hidden_states: bool = False
     ) -> CompressedEncoderOutput:
-        a = self.adapter
-        grid = a.patch_grid(pixel_values)
-        x = a.embed(pixel_values, interpolate_pos_encoding)  # (B, P + H*W, C)
+        """Finish the forward from the uncompressed state after ``start`` layers.
+
+        ``hidden``: (B, P + H*W, C), what ``forward(..., output_hidden_states=True).hidden_states[start]`` of the
+        uncompressed encoder holds (before the merge at ``start``, if any); ``grid``: its (H, W).
+        ``start=0`` with the embeddings is the whole forward. Used with cached states when the layers
+        before the first merge are frozen (``LaCoForConditionalGeneration.get_image_features(encoder_state=...)``).
+        """
+        if not 0 <= start <= self.num_layers:
+            raise ValueError(f"start must be in 0..{self.num_layers} (layers run), got {start}")
+        if any(start > k for k in self.merge_layers):
+            raise ValueError(f"start {start} is past the merge at layer {min(self.merge_layers)}: "
+                             "the cached state would skip a compressor")
+        a, x, grid = self.adapter, hidden, tuple(grid)
         states = [x] if output_hidden_states else None
-        for i in range(self.num_layers):
-            if str(i) in self.compressors:
-                x, grid = self._merge(i, x, grid)  # (B, P + h*w, C)
-            x = a.call_layer(a.layers[i], x)
-            if states is not None:
-                states.append(x)
-        if self.apply_final_norm:
-            x = a.final_norm(x)
-        if str(self.num_layers) in self.compressors:  # "post": external compression
-            x, grid = self._merge(self.num_layers, x, grid)
+        for seg in self.segments():
+            for i in range(max(seg.start, start), seg.stop):
+                x = a.call_layer(a.layers[i], x)
+                if states is not None:
+                    states.append(x)
+            if seg.stop == self.num_layers and self.apply_final_norm:
+                x = a.final_norm(x)
+            if seg.merge is not None and seg.merge >= start:
+                x, grid = self._merge(seg.merge, x, grid)  # (B, P + h*w, C)
         return CompressedEncoderOutput(
             last_hidden_state=x,
             hidden_states=tuple(states) if states is not None else None,
             grid=grid,
             num_prefix_tokens=self.num_prefix_tokens,
         )
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, interpolate_pos_encoding: bool = False
+    ) -> CompressedEncoderOutput:
+        a = self.adapter
+        grid = a.patch_grid(pixel_values)  # checks the size first
+        x = a.embed(pixel_values, interpolate_pos_encoding)  # (B, P + H*W, C)
+        return self.forward_from(x, grid, 0, output_hidden_states=output_hidden_states)
 
 
 def compress_encoder(

@@ -376,30 +376,8 @@ def start_layer(model) -> int:
 
 
 def image_features_from_hidden(model, hidden: torch.Tensor, start: int) -> torch.Tensor:
-    """(B, P + H*W, C) encoder state after ``start`` layers -> projected image features (B, T, D).
-
-    The rest of ``CompressedVisionEncoder.forward`` (merges, layers start..L, final norm, post merge),
-    then feature select and the projector, exactly as ``model.get_image_features`` does from pixels.
-    """
-    x, _ = tower_from_hidden(model.vision_tower, hidden, start, model.config.image_size)
-    if model.config.vision_feature_select_strategy == "default":
-        x = x[:, model.vision_tower.num_prefix_tokens:]
-    return model.projector(x)
-
-
-def tower_from_hidden(tower, hidden: torch.Tensor, start: int, image_size=None) -> tuple[torch.Tensor, tuple]:
-    """Finish a ``CompressedVisionEncoder`` forward from its state after ``start`` layers -> (tokens, grid)."""
-    a = tower.adapter
-    grid, x = a.grid_for_image_size(image_size), hidden
-    for i in range(start, tower.num_layers):
-        if str(i) in tower.compressors:
-            x, grid = tower._merge(i, x, grid)
-        x = a.call_layer(a.layers[i], x)
-    if tower.feature_layer == -1:
-        x = a.final_norm(x)
-    if str(tower.num_layers) in tower.compressors:
-        x, grid = tower._merge(tower.num_layers, x, grid)
-    return x, grid
+    """(B, P + H*W, C) encoder state after ``start`` layers -> projected image features (B, T, D)."""
+    return model.get_image_features(encoder_state=hidden, start_layer=start)
 
 
 def lm_logits_and_loss(model, feats: torch.Tensor | None, ids, mask, labels):
@@ -699,8 +677,8 @@ def _readout_accuracy(ctx: Context, tower, start: int, split: str, limit: int | 
     tower.eval()
     with torch.no_grad():
         for i in range(0, n, 256):
-            x, grid = tower_from_hidden(tower, hidden[i:min(n, i + 256)].float(), start)
-            logits, _ = ctx.readout(x[:, tower.num_prefix_tokens:], grid)
+            out = tower.forward_from(hidden[i:min(n, i + 256)].float(), tower.adapter.grid_for_image_size(), start)
+            logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
             correct += int((logits.argmax(-1) == torch.as_tensor(scenes.labels[i:min(n, i + 256)])).sum())
     return {"accuracy": round(100.0 * correct / (4 * n), 2), "n": 4 * n, "per_task": {"quadrant": round(100.0 * correct / (4 * n), 2)},
             "per_turn": {}}
@@ -736,8 +714,8 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = p.lr_stage1 * _cosine(step, p.readout_steps, warmup)
             idx = torch.randint(0, len(hidden), (p.readout_batch_size,), generator=gen)
-            x, grid = tower_from_hidden(tower, hidden[idx].float(), start)
-            logits, _ = ctx.readout(x[:, tower.num_prefix_tokens:], grid)
+            out = tower.forward_from(hidden[idx].float(), tower.adapter.grid_for_image_size(), start)
+            logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()

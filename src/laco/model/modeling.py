@@ -45,20 +45,29 @@ def build_vision_tower(config: LaCoConfig, vision_model: nn.Module | None = None
 
 
 def image_features(
-    vision_tower: CompressedVisionEncoder, projector: nn.Module, config: LaCoConfig, pixel_values: torch.Tensor
+    vision_tower: CompressedVisionEncoder, projector: nn.Module, config: LaCoConfig,
+    pixel_values: torch.Tensor | None = None, *, encoder_state: torch.Tensor | None = None, start_layer: int = 0,
 ) -> torch.Tensor:
     """(n_img, 3, H, W) -> (n_img, T, D): encoder + compression, feature select, projector.
 
     The one image path, shared by ``LaCoForConditionalGeneration`` and the vLLM model (``laco.serve``).
+    Or from ``encoder_state`` instead of pixels: the uncompressed encoder's (n_img, P + H*W, C) state after
+    ``start_layer`` layers at ``config.image_size`` (a cache of frozen layers that run before the first
+    merge); the tower finishes the forward from there (``CompressedVisionEncoder.forward_from``).
     """
-    if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
-    param = next(vision_tower.vision_model.parameters())
-    # another resolution than the encoder was built for: interpolate its position embeddings
-    native = config.vision_config.image_size
-    native = (native, native) if isinstance(native, int) else tuple(native)
-    interpolate = tuple(pixel_values.shape[-2:]) != native
-    out = vision_tower(pixel_values.to(dtype=param.dtype, device=param.device), interpolate_pos_encoding=interpolate)
+    if encoder_state is not None:
+        grid = vision_tower.adapter.grid_for_image_size(config.image_size)
+        out = vision_tower.forward_from(encoder_state, grid, start_layer)
+    else:
+        if pixel_values is None or pixel_values.ndim != 4:
+            shape = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {shape}")
+        param = next(vision_tower.vision_model.parameters())
+        # another resolution than the encoder was built for: interpolate its position embeddings
+        native = config.vision_config.image_size
+        native = (native, native) if isinstance(native, int) else tuple(native)
+        interpolate = tuple(pixel_values.shape[-2:]) != native
+        out = vision_tower(pixel_values.to(dtype=param.dtype, device=param.device), interpolate_pos_encoding=interpolate)
     feats = out.last_hidden_state  # (n_img, P + h*w, C)
     if config.vision_feature_select_strategy == "default":
         feats = feats[:, out.num_prefix_tokens :]  # (n_img, h*w, C)
@@ -163,9 +172,16 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         }
 
     # -- image features -------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """(n_img, 3, H, W) -> (n_img, num_image_tokens, D): encoder + compression, feature select, projector."""
-        return image_features(self.vision_tower, self.projector, self.config, pixel_values)
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, *, encoder_state: torch.Tensor | None = None,
+        start_layer: int = 0, **kwargs: Any,
+    ) -> torch.Tensor:
+        """(n_img, 3, H, W) -> (n_img, num_image_tokens, D): encoder + compression, feature select, projector.
+
+        Or from a cached ``encoder_state`` (see ``image_features``).
+        """
+        return image_features(self.vision_tower, self.projector, self.config, pixel_values,
+                              encoder_state=encoder_state, start_layer=start_layer)
 
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
