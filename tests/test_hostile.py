@@ -25,7 +25,6 @@ import pytest
 import torch
 import yaml
 
-torch.set_num_threads(2)
 
 
 # -- the shared world: a tiny model, a LLaVA source, images, eval and train data --------------------

@@ -23,7 +23,6 @@ from laco.train.loop import EmptyStageError
 from test_train import Crash
 from test_train import _crash_after as crash_after
 
-torch.set_num_threads(2)
 ALIGN = ["compressor", "projector"]
 
 
