@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 import yaml
 
 

@@ -56,6 +56,7 @@ from torch import nn
 
 from laco.data.embedded import EmbeddedDataConfig, EmbeddedDataset, build_embedded_dataset
 from laco.experiments.pretrain import PretrainConfig, load_pretrained_encoder, to_pixel_values
+from laco.flops import encoder_cost
 
 SCENARIOS = ("readout", "train", "retrofit")
 
@@ -726,7 +727,7 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     row["after"] = _readout_accuracy(ctx, tower, start, "test", p.eval_limit)
     row["trainable_params"] = sum(q.numel() for q in params)
     row["cached_train_samples_per_s"] = None
-    cost = __import__("laco").encoder_cost(tower)
+    cost = encoder_cost(tower)
     row.update({"visual_tokens": tower.num_output_tokens(), "encoder_gflops": round(cost.total_flops / 1e9, 4),
                 "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": tower.num_layers,
                 "train_samples_per_s": None, "infer_samples_per_s": None})
@@ -734,9 +735,7 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
 
 
 def _costs(model) -> dict[str, Any]:
-    import laco
-
-    cost = laco.encoder_cost(model.vision_tower)
+    cost = encoder_cost(model.vision_tower)
     return {"visual_tokens": model.num_image_tokens, "encoder_gflops": round(cost.total_flops / 1e9, 4),
             "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": model.vision_tower.num_layers}
 
