@@ -33,6 +33,7 @@ from torch import nn
 from laco.bench.flops import STAGES, Workload, predict
 from laco.bench.presets import MethodSpec, llm_config, parse_methods
 from laco.bench.timers import Case, Splits, Timer, environment, run_cases
+from laco.model.compat import CACHE_KEY, output_cache
 from laco.train.loop import freeze_for_stage
 
 PARTS = ("encoder", "compressor", "projector", "prefill", "encode_prefill", "decode", "generate",
@@ -220,14 +221,14 @@ def method_cases(name: str, model: nn.Module, inputs: dict[str, torch.Tensor],
         if "decode" in parts:
             with torch.inference_mode():
                 first = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-            cache, seq = first.cache, embeds.shape[1]
+            cache, seq = output_cache(first), embeds.shape[1]
             start_token = first.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
 
             def decode():
                 tok, m = start_token, mask
                 for _ in range(work.new_tokens):
                     m = torch.cat([m, torch.ones_like(tok)], dim=1)
-                    out = lm(input_ids=tok, attention_mask=m, cache=cache, use_cache=True, logits_to_keep=1)
+                    out = lm(input_ids=tok, attention_mask=m, use_cache=True, logits_to_keep=1, **{CACHE_KEY: cache})
                     tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
             def drop_new_tokens():  # back to the prompt's cache (transformers 5: crop takes -tokens to remove)

@@ -19,9 +19,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from laco import __version__
+
+        typer.echo(f"laco {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print laco's version and exit"),
+) -> None:
     """Layer-wise visual token compression (LaCo) for multimodal LLMs."""
 
 

@@ -16,9 +16,15 @@ from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+from laco.model.compat import HAS_SUB_CONFIG_SPEC, build_sub_configs, sub_config_specs
 
 DEFAULT_COMPRESSION: dict[str, Any] = {"method": "laco", "layer": "1/4", "ratio": 2, "kwargs": {}}
+#: sub-config key -> (default model_type, init kwargs); MLLMs use the patch tokens, not SigLIP's pooling head
+SUB_CONFIG_DEFAULTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vision_config": ("siglip_vision_model", {"vision_use_head": False}),
+    "text_config": ("qwen2", {}),
+}
 
 
 def normalize_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
@@ -63,12 +69,10 @@ class LaCoConfig(PreTrainedConfig):
     """
 
     model_type = "laco"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="siglip_vision_model", init_kwargs={"vision_use_head": False}
-        ),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
-    }
+    if HAS_SUB_CONFIG_SPEC:  # transformers >= 5.24 builds the sub-configs from these specs
+        sub_configs_defaults = sub_config_specs(SUB_CONFIG_DEFAULTS)
+    else:  # older: __post_init__ builds them (build_sub_configs)
+        sub_configs = {key: AutoConfig for key in SUB_CONFIG_DEFAULTS}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -83,6 +87,7 @@ class LaCoConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        build_sub_configs(self, SUB_CONFIG_DEFAULTS)  # transformers < 5.24 (a no-op after)
         super().__post_init__(**kwargs)
         self.compression = normalize_compression(self.compression)
         if getattr(self.vision_config, "model_type", None) == "siglip_vision_model":

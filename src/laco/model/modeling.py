@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from laco.encoders import CompressedVisionEncoder, compress_encoder
+from laco.model.compat import CACHE_KEY, causal_lm_output, output_cache
 from laco.model.config import LaCoConfig, vision_tokens
 from laco.model.projectors import create_projector
 
@@ -245,15 +246,16 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         out = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{CACHE_KEY: cache},  # "cache" (transformers >= 5.24) or "past_key_values"
             **kwargs,
         )
-        return CausalLMOutputWithPast(
-            loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
+        return causal_lm_output(
+            loss=out.loss, logits=out.logits, cache=output_cache(out), hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):

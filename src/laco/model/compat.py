@@ -1,0 +1,55 @@
+"""Version shims: the only places where the supported transformers releases (5.17 to 5.24+) differ.
+
+* Sub-configs: 5.24 declares them with ``SubConfigSpec`` (``sub_configs_defaults``) and builds them in the base
+  ``__post_init__``; 5.17-5.23 declare ``sub_configs`` and each composite config builds its own.
+* The KV cache: 5.24 names it ``cache`` (keyword and output field); 5.17-5.23 ``past_key_values``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+try:  # transformers >= 5.24
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # pragma: no cover - exercised in the oldest-transformers CI venv
+    SubConfigSpec = None
+
+#: the KV-cache keyword of model forwards and field of model outputs in the installed transformers
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+HAS_SUB_CONFIG_SPEC = SubConfigSpec is not None
+
+
+def sub_config_specs(defaults: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """transformers >= 5.24: ``sub_configs_defaults`` for AutoConfig sub-configs ``{key: (model_type, init kwargs)}``."""
+    return {key: SubConfigSpec(config_class=AutoConfig, model_type=model_type, init_kwargs=dict(init))
+            for key, (model_type, init) in defaults.items()}
+
+
+def build_sub_configs(config: PreTrainedConfig, defaults: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Before transformers 5.24: turn dict/None sub-configs into config objects (5.24 does it in the base class)."""
+    if HAS_SUB_CONFIG_SPEC:
+        return
+    for key, (model_type, init) in defaults.items():
+        value = getattr(config, key)
+        if value is None:
+            value = {**init}
+        if isinstance(value, dict):
+            value = dict(value)
+            value = AutoConfig.for_model(value.pop("model_type", model_type), **value)
+        setattr(config, key, value)
+
+
+def causal_lm_output(**fields: Any) -> CausalLMOutputWithPast:
+    """A ``CausalLMOutputWithPast``; ``cache`` goes into the installed version's cache field."""
+    cache = fields.pop("cache", None)
+    return CausalLMOutputWithPast(**fields, **{CACHE_KEY: cache})
+
+
+def output_cache(output) -> Any:
+    """The KV cache of a model output, under either field name."""
+    return getattr(output, CACHE_KEY, None)

@@ -1,0 +1,124 @@
+"""Ecosystem fit: what must hold on every supported transformers (CI runs this file, marker ``compat``, in
+the newest and the oldest supported version's venv): light imports, build, forward with labels, generate,
+save -> Auto load -> identical tokens.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.compat
+
+ROOT = Path(__file__).resolve().parents[1]
+#: optional or heavy parts that the light imports must not pull in
+OPTIONAL = ("datasets", "peft", "matplotlib", "lmms_eval", "tensorboard")
+
+
+def _loaded_after(code: str, watch: tuple[str, ...]) -> list[str]:
+    """Run ``code`` in a fresh interpreter; which of ``watch`` ended up in ``sys.modules``."""
+    probe = f"{code}\nimport sys\nprint(','.join(m for m in {watch!r} if sys.modules.get(m) is not None))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+def test_import_laco_imports_nothing_heavy():
+    assert _loaded_after("import laco", ("torch", "transformers", *OPTIONAL)) == []
+
+
+def test_cli_help_imports_no_torch():
+    code = ("from typer.testing import CliRunner\nfrom laco.cli import app\n"
+            "r = CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0 and 'compare' in r.output, r.output")
+    assert _loaded_after(code, ("torch", "transformers", *OPTIONAL)) == []
+
+
+@pytest.mark.parametrize("module", ["laco.ops", "laco.compressors", "laco.encoders"])
+def test_core_packages_import_without_the_optional_stack(module):
+    """They import where datasets/peft/matplotlib/lmms_eval/tensorboard are not installed (``sys.modules[m] =
+    None``: ``import m`` fails and ``find_spec(m)`` is None, as for a missing package)."""
+    code = f"import sys\nfor m in {OPTIONAL!r}: sys.modules[m] = None\nimport {module}"
+    assert _loaded_after(code, OPTIONAL) == []
+
+
+def test_lazy_names_resolve():
+    import laco
+
+    assert laco.list_compressors() and callable(laco.compress_encoder)
+    assert laco.LaCoConfig.model_type == "laco"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        laco.nope  # noqa: B018
+
+
+def test_version_matches_pyproject_and_cli():
+    from typer.testing import CliRunner
+
+    import laco
+    from laco.cli import app
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert laco.__version__ == version
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"laco {version}"
+
+
+# -- the model on this transformers version -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from laco.model.testing import tiny_laco_model, tiny_laco_processor
+
+    model = tiny_laco_model(seed=0)
+    return model, tiny_laco_processor(model.config)
+
+
+def _image(h: int = 50, w: int = 70, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
+
+
+def _inputs(processor, question: str = "What is in the image?"):
+    text = processor.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}],
+                                         add_generation_prompt=True)
+    return processor(text=[text], images=[_image()])
+
+
+def test_build_and_forward_with_labels(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor)
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_generate_with_cache_equals_without(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor)
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (1, inputs["input_ids"].shape[1] + 6)
+    assert torch.equal(cached, uncached)
+
+
+def test_save_auto_load_generates_identical_tokens(tiny, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    proc = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and type(proc) is type(processor)
+    inputs = _inputs(processor)
+    assert torch.equal(_inputs(proc)["input_ids"], inputs["input_ids"])
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
