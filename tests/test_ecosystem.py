@@ -122,3 +122,38 @@ def test_save_auto_load_generates_identical_tokens(tiny, tmp_path):
     assert torch.equal(_inputs(proc)["input_ids"], inputs["input_ids"])
     expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(loaded.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_chat_template_tokenize_equals_manual_path(tiny):
+    """HF convention: apply_chat_template(tokenize=True, return_dict=True) with PIL image items gives the
+    manual path's inputs (pixel values included) and the same generated tokens."""
+    model, processor = tiny
+    image = _image(40, 90, seed=3)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What is in the image?"}]}]
+    auto = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.count("<image>") == 1
+    manual = processor(text=[text], images=[image])
+    assert set(auto.keys()) == set(manual.keys()) == {"input_ids", "attention_mask", "pixel_values"}
+    assert all(torch.equal(auto[k], manual[k]) for k in manual)
+    assert int((auto["input_ids"] == model.config.image_token_id).sum()) == model.num_image_tokens
+    expected = model.generate(**manual, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(**auto, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_num_multimodal_tokens_hook(tiny):
+    """``_get_num_multimodal_tokens`` (vLLM / transformers size placeholders with it) agrees with __call__."""
+    from laco.model.processing import LaCoProcessor
+
+    model, processor = tiny
+    sizes = [(40, 90), (30, 30), (200, 60)]
+    assert processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens == [model.num_image_tokens] * 3
+    anyres = LaCoProcessor.from_model_config(model.config, processor.tokenizer,
+                                             anyres_grids=[[1, 1], [1, 2], [2, 1], [2, 2]])
+    hook = anyres._get_num_multimodal_tokens(image_sizes=sizes)
+    for (h, w), n, tiles in zip(sizes, hook.num_image_tokens, hook.num_image_patches):
+        batch = anyres(text="<image>", images=[_image(h, w)])
+        assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
+        assert batch["pixel_values"].shape[0] == tiles

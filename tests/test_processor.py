@@ -51,7 +51,7 @@ def test_placeholder_image_count_mismatch(tok):
         proc(text=["<image> a", "<image> b"], images=[[_img()], []])
     with pytest.raises(ValueError, match="0 image"):
         proc(text="<image> a")
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match="truncation"):  # transformers' check: truncation cut into an image
         proc(text="<image> a", images=[_img()], truncation=True, max_length=8)
 
 
@@ -96,8 +96,6 @@ def test_processor_save_load_round_trip(tmp_path, tok):
     assert again.apply_chat_template(chat, add_generation_prompt=True) == (
         "<|im_start|>user\n<image>What?<|im_end|>\n<|im_start|>assistant\n"
     )
-    with pytest.raises(ValueError, match="expands each <image>"):
-        again.apply_chat_template(chat, tokenize=True)
 
 
 def test_small_tokenizer_ids_and_template():

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, BatchFeature, ProcessorMixin, SiglipImageProcessorPil
+from transformers import BatchFeature, ProcessorMixin, SiglipImageProcessorPil
+from transformers.processing_utils import MultiModalData
 
 _MEAN_STD = {  # (mean, std) per vision family
     "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
@@ -156,50 +157,52 @@ class LaCoProcessor(ProcessorMixin):
         pixel_values = self.image_processor(images=tiles, return_tensors="pt")["pixel_values"]
         return pixel_values, counts
 
-    # -- text + images ----------------------------------------------------------------------------
-    def __call__(
-        self,
-        text: str | list[str] | None = None,
-        images=None,
-        return_tensors: str | None = "pt",
-        padding: bool | str = "longest",
-        **tokenizer_kwargs: Any,
-    ) -> BatchFeature:
+    # -- text + images: transformers' ProcessorMixin.__call__ with the standard multimodal hooks ---------
+    def __call__(self, images=None, text=None, **kwargs: Any) -> BatchFeature:
         """``text`` (one string or a batch) with ``<image>`` placeholders, and ``images`` in placeholder order:
         a flat list for the whole batch, or one list per sample. Returns input_ids, attention_mask, pixel_values.
+
+        Defaults: ``return_tensors="pt"``, ``padding="longest"``. The rest is ``ProcessorMixin.__call__``:
+        ``_process_images`` preprocesses and ``replace_image_token`` expands each placeholder, so the chat
+        template (``apply_chat_template(..., tokenize=True)``) and vLLM drive this processor as any other.
         """
         if text is None:
             raise ValueError("LaCoProcessor needs text (with one <image> placeholder per image)")
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
-        per_sample = [t.count(self.image_token) for t in texts]
-        flat = self._flatten_images(images, per_sample)
-        expanded, expected = list(texts), 0
-        data: dict[str, Any] = {}
-        if flat:
-            pixel_values, tiles = self.preprocess_images(flat)
-            data["pixel_values"] = pixel_values
-            it = iter(tiles)
-            expanded = []
-            for t in texts:
-                parts = t.split(self.image_token)
-                out = parts[0]
-                for part in parts[1:]:
-                    n = next(it) * self.num_image_tokens
-                    expected += n
-                    out += self.image_token * n + part
-                expanded.append(out)
-        enc = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
-        found = int((torch.as_tensor(enc["input_ids"]) == self.image_token_id).sum()) if return_tensors == "pt" else \
-            sum(row.count(self.image_token_id) for row in enc["input_ids"])
-        if found != expected:
-            raise ValueError(
-                f"after tokenization there are {found} image tokens but {expected} were expected "
-                f"(truncation cut into an image, or the text contains the image token id by other means)"
-            )
-        data.update(enc)
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        flat = self._flatten_images(images, [t.count(self.image_token) for t in texts])
+        kwargs.setdefault("return_tensors", "pt")
+        kwargs.setdefault("padding", "longest")
+        return super().__call__(images=flat or None, text=texts, **kwargs)
+
+    def _process_images(self, images, **kwargs):
+        """Images -> ({"pixel_values": (total_tiles, 3, S, S)}, one placeholder replacement per image)."""
+        pixel_values, tiles = self.preprocess_images(list(images))
+        processed = {"pixel_values": pixel_values, "num_tiles": tiles}
+        replacements = [self.replace_image_token(processed, image_idx=i) for i in range(len(tiles))]
+        return {"pixel_values": pixel_values}, replacements
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """The placeholder of image ``image_idx`` expanded to ``num_tiles x num_image_tokens`` image tokens."""
+        tiles = image_inputs.get("num_tiles")
+        return self.image_token * (self.num_image_tokens * (tiles[image_idx] if tiles is not None else 1))
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs: Any) -> MultiModalData:
+        """Image tokens (and tiles) per image of the given ``(height, width)`` sizes, before any pixel work
+        (the hook vLLM and transformers use to size placeholders)."""
+        data: dict[str, list[int]] = {}
+        if image_sizes is not None:
+            tiles = [self._num_tiles(tuple(hw)) for hw in image_sizes]
+            data = {"num_image_tokens": [t * self.num_image_tokens for t in tiles], "num_image_patches": tiles}
+        return MultiModalData(**data)
+
+    def _num_tiles(self, image_hw: tuple[int, int]) -> int:
+        """Tiles of an image of size (h, w): 1, or rows x cols + the thumbnail (see ``_tiles``)."""
+        if self.anyres_grids is None:
+            return 1
+        rows, cols = select_tile_grid(image_hw, self.anyres_grids, self.tile_size)
+        return 1 if (rows, cols) == (1, 1) else rows * cols + 1
 
     def _flatten_images(self, images, per_sample: list[int]) -> list:
         n_text = sum(per_sample)
@@ -220,13 +223,6 @@ class LaCoProcessor(ProcessorMixin):
                 f"but {len(images)} image(s)"
             )
         return list(images)
-
-    def apply_chat_template(self, conversation, **kwargs):
-        """The chat template (ChatML) applied to ``conversation`` -> text; image items render as ``<image>``."""
-        if kwargs.pop("tokenize", False):
-            raise ValueError("apply_chat_template returns text here: tokenize it with processor(text=..., images=...), "
-                             "which expands each <image> to the model's image-token count")
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
