@@ -157,3 +157,25 @@ def test_num_multimodal_tokens_hook(tiny):
         batch = anyres(text="<image>", images=[_image(h, w)])
         assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
         assert batch["pixel_values"].shape[0] == tiles
+
+
+def test_convert_keeps_the_source_image_processor(tmp_path):
+    """A converted tiny LLaVA (CLIP tower, CLIP resize-shortest-edge + centre-crop processor) keeps its source's
+    preprocessing: pixel values equal the source processor's for a non-square image (not a squash resize)."""
+    from transformers import AutoProcessor, CLIPImageProcessorPil
+
+    from laco.model.convert import convert_checkpoint
+    from test_convert import save_source  # tests/ is on sys.path (pytest's default import mode)
+
+    save_source(tmp_path / "src", "llava")
+    source_ip = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                                      do_center_crop=True)
+    source_ip.save_pretrained(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", layer=1, ratio=2)
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    image = _image(48, 100, seed=4)  # wide: the crop keeps the centre, a squash would not
+    got = processor(text="<image>", images=[image])["pixel_values"]
+    expected = source_ip(images=[image], return_tensors="pt")["pixel_values"]
+    assert got.shape == expected.shape == (1, 3, 64, 64)
+    assert torch.equal(got, expected)
+    assert type(processor.image_processor) is type(source_ip) and processor.image_processor.do_center_crop

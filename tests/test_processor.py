@@ -12,6 +12,7 @@ import laco
 from laco.model.processing import select_tile_grid
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_laco_model, tiny_tokenizer
 
+pytestmark = pytest.mark.compat  # also runs in the oldest-transformers CI venv
 
 
 def _img(h=40, w=90, seed=0):

@@ -15,6 +15,7 @@ model name (``laco.LaCoConfig``, ...) or ``import laco.model`` registers the Aut
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -45,6 +46,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip __getattr__
         return value
+    if importlib.util.find_spec(f"laco.{name}") is not None:  # a submodule: laco.eval.evaluate after `import laco`
+        return importlib.import_module(f"laco.{name}")
     raise AttributeError(f"module 'laco' has no attribute {name!r}")
 
 

@@ -265,12 +265,12 @@ def _convert_projector(src: nn.Module, in_dim: int, out_dim: int) -> nn.Module:
 
 
 def _load_source_processor(src: Path):
-    """(tokenizer or None, image mean, image std) from the source dir's processor files."""
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    pre = src / "preprocessor_config.json"
-    if pre.is_file():
-        d = json.loads(pre.read_text())
-        mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+    """(tokenizer or None, the source's own image processor or None) from the source dir's processor files."""
+    image_processor = None
+    if (src / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(src)
     tokenizer = None
     if (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -282,7 +282,7 @@ def _load_source_processor(src: Path):
                 tokenizer.chat_template = jinja.read_text()
             elif js.is_file():
                 tokenizer.chat_template = json.loads(js.read_text()).get("chat_template")
-    return tokenizer, mean, std
+    return tokenizer, image_processor
 
 
 #: files that mark a conversion written before the marker file existed
@@ -332,7 +332,7 @@ def convert_checkpoint(
     if method != "laco":
         warnings.warn(f"method {method!r}: only 'laco' (zero-initialised) starts as average pooling; an untrained "
                       f"{method} changes the model's outputs until it is trained", stacklevel=2)
-    tokenizer, mean, std = _load_source_processor(src)
+    tokenizer, image_processor = _load_source_processor(src)
     image_token = "<image>"
     if tokenizer is not None and cfg.get("image_token_index", cfg.get("image_token_id")) is not None:
         image_token = tokenizer.convert_ids_to_tokens(int(cfg.get("image_token_index", cfg.get("image_token_id"))))
@@ -364,7 +364,7 @@ def convert_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        processor = _build_processor(model, tokenizer, mean, std)
+        processor = _build_processor(model, tokenizer, image_processor)
         if processor is not None:
             processor.save_pretrained(tmp)
         else:
@@ -377,15 +377,12 @@ def convert_checkpoint(
     return report
 
 
-def _build_processor(model, tokenizer, mean, std):
-    """A ``LaCoProcessor`` expanding each image placeholder to the converted model's token count."""
+def _build_processor(model, tokenizer, image_processor):
+    """A ``LaCoProcessor`` expanding each image placeholder to the converted model's token count, with the
+    source's own image processor (resize, crop, mean/std as it was trained; only the size is set to the
+    model's), or the encoder family's default where the source has none."""
     if tokenizer is None:
         return None
-    from transformers import SiglipImageProcessorPil
-
     from laco.model.processing import LaCoProcessor
 
-    size = model.config.image_size  # resize to the tower's square input, the source's normalisation
-    image_processor = SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(mean),
-                                              image_std=list(std))
     return LaCoProcessor.from_model_config(model.config, tokenizer, image_processor=image_processor)

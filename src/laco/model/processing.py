@@ -21,6 +21,7 @@ order, image after image, so the model scatters them without knowing about tiles
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,6 +41,31 @@ def make_image_processor(image_size: int, vision_model_type: str = "siglip_visio
     """Resize to ``image_size`` square, rescale, normalise with the family's statistics (torchvision-free)."""
     mean, std = _MEAN_STD.get(vision_model_type, _MEAN_STD["siglip_vision_model"])
     return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
+
+
+def output_size(image_processor) -> int:
+    """Side of the square an image processor outputs: its crop size if it centre-crops, else its resize."""
+    if getattr(image_processor, "do_center_crop", False):
+        return int(image_processor.crop_size["height"])
+    return int(image_processor.size["height"])
+
+
+def set_image_size(image_processor, size: int) -> None:
+    """Make ``image_processor`` output ``size`` x ``size``, keeping its kind of resize (and crop) and statistics."""
+    if output_size_or_none(image_processor) == size:
+        return
+    if getattr(image_processor, "do_center_crop", False):  # CLIP-style: shortest edge, then a centre crop
+        image_processor.size = {"shortest_edge": size}
+        image_processor.crop_size = {"height": size, "width": size}
+    else:
+        image_processor.size = {"height": size, "width": size}
+
+
+def output_size_or_none(image_processor) -> int | None:
+    try:
+        return output_size(image_processor)
+    except (KeyError, TypeError):  # e.g. size given as shortest_edge without a crop
+        return None
 
 
 def select_tile_grid(image_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile: int) -> tuple[int, int]:
@@ -127,14 +153,21 @@ class LaCoProcessor(ProcessorMixin):
                 f"tokenizer id of {config.image_token!r} is {token_id}, but the model's image_token_id is "
                 f"{config.image_token_id}: tokenizer and model do not belong together"
             )
-        if image_processor is None:
+        if image_processor is None:  # a config built in code: the encoder family's statistics
             image_processor = make_image_processor(config.image_size, config.vision_config.model_type)
+        else:  # the encoder's own (a folder, e.g. from_parts' vision_dir, or an object): only the size is set
+            if isinstance(image_processor, (str, os.PathLike)):
+                from transformers import AutoImageProcessor
+
+                image_processor = AutoImageProcessor.from_pretrained(image_processor)
+            set_image_size(image_processor, config.image_size)
         return cls(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
                    image_token=config.image_token, anyres_grids=anyres_grids)
 
     @property
     def tile_size(self) -> int:
-        return int(self.image_processor.size["height"])
+        """Side of the square the image processor outputs (its crop when it centre-crops)."""
+        return output_size(self.image_processor)
 
     # -- images -----------------------------------------------------------------------------------
     def _tiles(self, image) -> list:
