@@ -179,3 +179,18 @@ def test_convert_keeps_the_source_image_processor(tmp_path):
     assert got.shape == expected.shape == (1, 3, 64, 64)
     assert torch.equal(got, expected)
     assert type(processor.image_processor) is type(source_ip) and processor.image_processor.do_center_crop
+
+
+def test_save_pretrained_writes_a_model_card(tmp_path):
+    """README.md names the parts, compression and measured figures of *this* model, and how to load it."""
+    import laco
+    from laco.model.testing import tiny_laco_model
+
+    model = tiny_laco_model(compression={"method": "pixel_shuffle", "layer": 2, "ratio": 2})
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "| compression method | `pixel_shuffle` |" in card
+    assert "| merge after layer(s) | 2 -> [2] of 4 |" in card
+    assert f"| tokens per image | {model.num_image_tokens} |" in card
+    assert f"| encoder FLOPs vs uncompressed | {laco.encoder_cost(model.vision_tower).flop_ratio:.3f} |" in card
+    assert "siglip_vision_model" in card and "qwen2" in card and "AutoModelForImageTextToText" in card

@@ -266,6 +266,15 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
             inputs.pop("pixel_values", None)
         return inputs
 
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` plus a model card (README.md: parts, compression, tokens, FLOPs)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from laco.io import atomic_write_text
+            from laco.model.card import model_card
+
+            atomic_write_text(Path(save_directory) / "README.md", model_card(self))
+
     # -- building from parts --------------------------------------------------------------------
     @classmethod
     def from_parts(
