@@ -30,7 +30,6 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
-    import laco  # noqa: F401  (registers model_type "laco" with the Auto classes)
     from laco.eval import evaluate, load_records
 
     from laco.cli.generate import check_new_tokens
@@ -48,6 +47,7 @@ def eval_(
     out_dir = out if out is not None else model_dir / "eval" / f"{data.stem}-{sha256_file(data)[:10]}"
     check_output_path(out_dir, "--out")
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    import laco.model  # noqa: F401  (registers model_type 'laco' with the Auto classes)
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype)

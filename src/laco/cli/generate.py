@@ -68,7 +68,7 @@ def generate(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, TextStreamer
 
-    import laco  # noqa: F401  (registers the Auto classes)
+    import laco.model  # noqa: F401  (registers model_type 'laco' with the Auto classes)
     from laco.safety import check_device, check_finite, check_model_dir, open_image
 
     # every argument and input file is checked before the model is loaded

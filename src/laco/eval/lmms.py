@@ -108,8 +108,9 @@ class LaCoLMMS(lmms):
         if (pretrained is None) == (model is None):
             raise ValueError("give exactly one of pretrained=DIR (a saved LaCo model) or model=... with processor=...")
         if model is None:
-            import laco  # noqa: F401  (registers model_type "laco" with the Auto classes)
             from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            import laco.model  # noqa: F401  (registers model_type "laco" with the Auto classes)
 
             model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=_resolve_dtype(dtype))
             processor = AutoProcessor.from_pretrained(pretrained)

@@ -590,6 +590,7 @@ def load_encoder_source(source: str) -> EncoderSource:
                              image_size=model.config.image_size, image_mean=mean, image_std=std)
     if mt == "laco":
         from transformers import AutoModelForImageTextToText
+        import laco.model  # noqa: F401  (registers model_type 'laco' with the Auto classes)
 
         lm = AutoModelForImageTextToText.from_pretrained(path)
         tower = lm.vision_tower
