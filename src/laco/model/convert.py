@@ -268,9 +268,9 @@ def _load_source_processor(src: Path):
     """(tokenizer or None, the source's own image processor or None) from the source dir's processor files."""
     image_processor = None
     if (src / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
+        from laco.model.processing import load_image_processor
 
-        image_processor = AutoImageProcessor.from_pretrained(src)
+        image_processor = load_image_processor(src)
     tokenizer = None
     if (src / "tokenizer.json").is_file() or (src / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

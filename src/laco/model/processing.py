@@ -22,6 +22,7 @@ order, image after image, so the model scatters them without knowing about tiles
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +42,23 @@ def make_image_processor(image_size: int, vision_model_type: str = "siglip_visio
     """Resize to ``image_size`` square, rescale, normalise with the family's statistics (torchvision-free)."""
     mean, std = _MEAN_STD.get(vision_model_type, _MEAN_STD["siglip_vision_model"])
     return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
+
+
+def load_image_processor(path: str | os.PathLike):
+    """``AutoImageProcessor.from_pretrained(path)``; where that needs torchvision (transformers < 5.24 loads the
+    torchvision class for a saved ``...ImageProcessor``), the same processor's PIL class (``...ImageProcessorPil``)."""
+    import json
+
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path)
+    except ImportError:
+        kind = json.loads((Path(path) / "preprocessor_config.json").read_text()).get("image_processor_type", "")
+        pil = getattr(transformers, f"{kind.removesuffix('Pil')}Pil", None)
+        if pil is None:
+            raise
+        return pil.from_pretrained(path)
 
 
 def output_size(image_processor) -> int:
@@ -157,9 +175,7 @@ class LaCoProcessor(ProcessorMixin):
             image_processor = make_image_processor(config.image_size, config.vision_config.model_type)
         else:  # the encoder's own (a folder, e.g. from_parts' vision_dir, or an object): only the size is set
             if isinstance(image_processor, (str, os.PathLike)):
-                from transformers import AutoImageProcessor
-
-                image_processor = AutoImageProcessor.from_pretrained(image_processor)
+                image_processor = load_image_processor(image_processor)
             set_image_size(image_processor, config.image_size)
         return cls(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
                    image_token=config.image_token, anyres_grids=anyres_grids)
