@@ -204,7 +204,11 @@ def test_convert_load_generate_with_processor(converted):
     images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
     batch = processor(text=["<image>\nWhat is here?", "Compare <image> and <image>."], images=[images[:1], images],
                       return_tensors="pt")
-    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 3 * model.num_image_tokens
+    if arch == "llava_onevision":  # AnyRes: the lone image is tiled (base + 1 tile + 4 newlines), the pair is not
+        expected = (16 + 16 + 4) + 2 * (16 + 1)
+    else:
+        expected = 3 * model.num_image_tokens
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == expected
     out_ids = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out_ids.shape[1] > batch["input_ids"].shape[1]
     saved = json.loads((out / "conversion.json").read_text())
@@ -212,7 +216,8 @@ def test_convert_load_generate_with_processor(converted):
     assert saved["merge_after_layers"] == [1]
     if arch == "llava_onevision":
         assert saved["final_norm"] is False  # HF reads hidden_states[-1]: SigLIP's post_layernorm is not applied
-        assert any("image_newline" in n for n in saved["notes"])
+        assert not any("image_newline" in n or "pinpoints" in n for n in saved["notes"])  # carried over now
+        assert processor.image_grid_pinpoints == src.config.image_grid_pinpoints and processor.image_newline
         assert saved["tokens_per_image_before"] == 64
     else:
         assert saved["vision_feature_layer"] == -2 and saved["encoder_layers_run"] == 3
@@ -220,20 +225,27 @@ def test_convert_load_generate_with_processor(converted):
 
 
 def test_laco_train_stage1_from_converted_dir(converted, tmp_path):
-    """`laco train`'s model source {pretrained: OUT_DIR} loads it; stage 1 changes only the PML and projector."""
+    """`laco train`'s model source {pretrained: OUT_DIR} loads it; stage 1 changes only the PML and projector
+    (+ OneVision's image_newline). LLaVA-OneVision: AnyRes images (1 x 2 tiles); then `laco eval` on the trained
+    model, and save -> Auto load -> identical greedy generation."""
     import numpy as np
     from PIL import Image
 
+    from laco.eval import evaluate
+    from laco.eval.evaluator import generate_texts
     from laco.train import DataConfig, ModelSource, RunConfig, StageConfig, train
     from laco.train.build import build_from_source
 
-    _, _, out, _ = converted
+    arch, _, out, _ = converted
     model, processor = build_from_source(ModelSource(pretrained=str(out)))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rng = np.random.default_rng(0)
+    hw = (40, 100) if arch == "llava_onevision" else (64, 64)
+    if arch == "llava_onevision":
+        assert model.config.image_layout(hw).tiles == (1, 2)
     records = []
     for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         records.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"thing {i}"}]})
     cfg = RunConfig(output_dir=str(tmp_path / "run"), data=DataConfig(image_folder=str(tmp_path)), progress=False,
@@ -243,7 +255,26 @@ def test_laco_train_stage1_from_converted_dir(converted, tmp_path):
     changed = {n for n, p in result.model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert any(n.startswith("vision_tower.compressors.") for n in changed)
     assert any(n.startswith("projector.") for n in changed)
-    assert all(n.startswith(("vision_tower.compressors.", "projector.")) for n in changed), changed
+    assert ("image_newline" in changed) == (arch == "llava_onevision")
+    assert all(n.startswith(("vision_tower.compressors.", "projector.", "image_newline")) for n in changed), changed
+    # laco eval on the trained model, AnyRes images included
+    with open(tmp_path / "test.jsonl", "w") as f:
+        for i in range(2):
+            f.write(json.dumps({"id": f"q{i}", "image": f"{i}.png", "question": "What is this?",
+                                "answer": f"thing {i}", "metric": "exact"}) + "\n")
+    summary = evaluate(result.model, processor, tmp_path / "test.jsonl", out_dir=tmp_path / "eval", batch_size=2,
+                       max_new_tokens=3, progress=False)
+    assert summary["num_samples"] == 2 and 0.0 <= summary["accuracy"] <= 1.0
+    # save -> Auto load -> the same greedy answers
+    saved = tmp_path / "saved"
+    result.model.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    again, again_proc = AutoModelForImageTextToText.from_pretrained(saved).eval(), AutoProcessor.from_pretrained(saved)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat is this?"}],
+                                           add_generation_prompt=True)
+    images = [Image.open(tmp_path / "0.png")]
+    assert generate_texts(again, again_proc, [prompt], images, 6) == generate_texts(result.model.eval(), processor,
+                                                                                     [prompt], images, 6)
 
 
 def test_real_shapes_llava_onevision_0_5b_on_meta():

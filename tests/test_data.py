@@ -11,6 +11,7 @@ from PIL import Image
 
 from laco.data import BadRecordError, LlavaCollator, load_llava, write_toy_llava
 from laco.data.collator import IGNORE_INDEX
+from laco.model.modeling import LaCoForConditionalGeneration
 from laco.model.testing import tiny_laco_config, tiny_laco_processor
 
 
@@ -195,12 +196,22 @@ def test_batch_padding_images_in_placeholder_order(tmp_path, processor):
 
 
 def test_anyres_tiles_expand_each_placeholder(tmp_path):
-    proc = tiny_laco_processor(tiny_laco_config(), anyres_grids=[[1, 2], [2, 1]])
-    Image.new("RGB", (128, 64), (10, 200, 10)).save(tmp_path / "wide.png")  # 1 x 2 tiles + thumbnail
-    ds = load_llava([_rec("w", "wide.png", ("human", "<image>\nQ"), ("gpt", "A"))], tmp_path)
-    batch = LlavaCollator(proc, 512)([ds[0]])
-    assert batch["pixel_values"].shape[0] == 3
-    assert int((batch["input_ids"] == proc.image_token_id).sum()) == 3 * proc.num_image_tokens
+    config = tiny_laco_config(image_grid_pinpoints=[[64, 64], [64, 128], [128, 64]], use_image_newline=True)
+    proc = tiny_laco_processor(config)
+    Image.new("RGB", (128, 64), (10, 200, 10)).save(tmp_path / "wide.png")  # base + 1 x 2 tiles
+    recs = [_rec("w", "wide.png", ("human", "<image>\nQ"), ("gpt", "A")),
+            _rec("two", ["wide.png", "wide.png"], ("human", "<image>\nQ"), ("gpt", "A"), ("human", "and <image>?"),
+                 ("gpt", "B"))]
+    ds = load_llava(recs, tmp_path)
+    batch = LlavaCollator(proc, 512)([ds[0], ds[1]])
+    lay = config.image_layout((64, 128))
+    assert lay.num_inputs == 3
+    assert batch["pixel_values"].shape[0] == 3 + 2  # the 2-image sample: untiled, across its turns
+    assert batch["image_sizes"].tolist() == [[64, 128]] * 3 and batch["batch_num_images"].tolist() == [1, 2]
+    per_row = (batch["input_ids"] == proc.image_token_id).sum(-1).tolist()
+    assert per_row == [lay.num_tokens, 2 * (proc.num_image_tokens + 1)]
+    model = LaCoForConditionalGeneration(config).eval()
+    assert model(**{k: v for k, v in batch.items() if k != "labels"}).logits.shape[:2] == batch["input_ids"].shape
 
 
 def test_truncation_never_cuts_image_tokens(tmp_path, processor, caplog):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -65,3 +66,23 @@ def test_cli_errors_are_one_line(capsys):
     res = subprocess.run([sys.executable, "-m", "laco", "info", "--method", "nope"], capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("laco: error: unknown compressor 'nope'") and "Traceback" not in res.stderr
+
+
+def test_laco_info_anyres_image_size():
+    """--image-size WxH: OneVision tiles of one image, LLM tokens and encoder FLOPs with and without LaCo."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["info", "-e", "siglip-so400m-384", "--image-size", "1152x768", "-l", "1/4", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)["anyres"]
+    assert rep["tiles"] == [2, 3] and rep["encoder_inputs"] == 7  # 768 high, 1152 wide: 2 rows x 3 columns
+    # a 1152x768 image fills its 2x3 pinpoint exactly: nothing unpadded, 54 rows of 81 + newline, base 27x27
+    assert rep["without"]["tokens"] == 27 * 27 + 54 * (81 + 1)
+    assert rep["with"]["tokens"] == 14 * 14 + 28 * (42 + 1)
+    with torch.device("meta"):
+        enc = laco.compress_encoder(laco.create_vision_encoder("siglip-so400m-384"), "laco", layer="1/4", ratio=2)
+    per_input = laco.encoder_cost(enc).total_flops
+    assert rep["with"]["encoder_gflops"] == pytest.approx(7 * per_input / 1e9)
+    res = runner.invoke(app, ["info", "-e", "siglip-so400m-384", "--image-size", "1152x768"])
+    assert "2x3 tiles + base = 7 encoder inputs" in res.output
+    res = runner.invoke(app, ["info", "--image-size", "12x"])
+    assert res.exit_code != 0

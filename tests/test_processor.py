@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import laco
-from laco.model.processing import select_tile_grid
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_laco_model, tiny_tokenizer
 
 pytestmark = pytest.mark.compat  # also runs in the oldest-transformers CI venv
@@ -62,34 +61,43 @@ def test_tokenizer_model_mismatch_is_error(tok):
         laco.LaCoProcessor.from_model_config(model.config, tok)
 
 
+PINPOINTS = [[64, 64], [64, 128], [128, 64], [128, 128]]
+
+
 def test_anyres_layout(tok):
-    model = tiny_laco_model()
-    proc = laco.LaCoProcessor.from_model_config(model.config, tok, anyres_grids=[[1, 1], [1, 2], [2, 1], [2, 2]])
-    assert select_tile_grid((40, 90), proc.anyres_grids, 64) == (1, 2)  # wide image: two tiles side by side
-    assert select_tile_grid((200, 60), proc.anyres_grids, 64) == (2, 1)
-    assert select_tile_grid((30, 30), proc.anyres_grids, 64) == (1, 1)
+    """OneVision: a lone image is tiled (base first), images of a multi-image prompt are not; counts match the model."""
+    model = tiny_laco_model(image_grid_pinpoints=PINPOINTS, use_image_newline=True)
+    proc = laco.LaCoProcessor.from_model_config(model.config, tok)
     wide, small = _img(40, 90), _img(30, 30, seed=3)
-    batch = proc(text=["<image> then <image>"], images=[wide, small])
-    t = model.num_image_tokens
-    # wide: 2 tiles + thumbnail; small: thumbnail only
-    assert batch["pixel_values"].shape[0] == 4
-    assert int((batch["input_ids"] == TINY_IMAGE_TOKEN_ID).sum()) == 4 * t
-    # the last block of the wide image is its thumbnail == the plain (no-AnyRes) preprocessing
-    plain = laco.LaCoProcessor.from_model_config(model.config, tok)(text="<image>", images=[wide])["pixel_values"]
-    assert torch.allclose(batch["pixel_values"][2], plain[0])
-    assert not torch.allclose(batch["pixel_values"][0], batch["pixel_values"][1])  # left != right tile
+    batch = proc(text=["<image> alone", "<image> then <image>"], images=[[wide], [wide, small]])
+    lay = model.config.image_layout((40, 90))
+    assert lay.tiles == (1, 2) and lay.num_inputs == 3
+    assert batch["pixel_values"].shape == (3 + 2, 3, 64, 64)
+    assert batch["batch_num_images"].tolist() == [1, 2]
+    assert batch["image_sizes"].tolist() == [[40, 90], [40, 90], [30, 30]]
+    per_row = (batch["input_ids"] == TINY_IMAGE_TOKEN_ID).sum(-1).tolist()
+    assert per_row == [lay.num_tokens, 2 * (model.num_image_tokens + 1)]
+    # base 4x4 grid, then the unpadded rows of the 4 x 8 stitched grid, each closed by a newline
+    assert lay.num_tokens == 16 + lay.final_grid[0] * (lay.final_grid[1] + 1)
+    assert not torch.allclose(batch["pixel_values"][1], batch["pixel_values"][2])  # left != right tile
+    assert proc._get_num_multimodal_tokens(image_sizes=[[40, 90]])["num_image_tokens"] == [lay.num_tokens]
     assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=r"pixel_values hold 5 images/tiles but .* call for 8"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+              image_sizes=batch["image_sizes"])  # without batch_num_images the 2-image sample would be tiled
 
 
 def test_processor_save_load_round_trip(tmp_path, tok):
     from transformers import AutoProcessor
 
     model = tiny_laco_model()
-    proc = laco.LaCoProcessor.from_model_config(model.config, tok, anyres_grids=[[1, 1], [1, 2]])
+    model = tiny_laco_model(image_grid_pinpoints=PINPOINTS, use_image_newline=True)
+    proc = laco.LaCoProcessor.from_model_config(model.config, tok)
     proc.save_pretrained(tmp_path)
     again = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(again, laco.LaCoProcessor)
-    assert again.num_image_tokens == proc.num_image_tokens and again.anyres_grids == proc.anyres_grids
+    assert again.num_image_tokens == proc.num_image_tokens and again.image_grid_pinpoints == PINPOINTS
+    assert again.image_newline and type(again.image_processor) is type(proc.image_processor)
     args = dict(text=["<image> a", "b <image>"], images=[_img(), _img(seed=5)])
     a, b = proc(**args), again(**args)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,7 +22,11 @@ def info(
     method: str = typer.Option("laco", "--method", "-m", help="compressor name, or 'none'"),
     layer: str = typer.Option("1/4", "--layer", "-l", help="int k, fraction '1/4', 'post', or a comma list"),
     ratio: int = typer.Option(2, "--ratio", "-r", help="merge r x r tokens into one"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="default: the preset's"),
+    image_size: Optional[str] = typer.Option(
+        None, "--image-size", help="one side (a square input, default: the preset's) or WIDTHxHEIGHT of an image "
+        "tiled with LLaVA-OneVision's AnyRes (base image + tiles at the preset's size, unpadded, newlines)"),
+    max_tiles: int = typer.Option(9, "--max-tiles", help="AnyRes: anyres_max_N token budget, in tiles"),
+    max_grid: int = typer.Option(6, "--max-grid", help="AnyRes: pinpoints up to N x N tiles (OneVision: 6)"),
     feature_layer: int = typer.Option(-1, "--feature-layer", help="-1 last layer, -2 penultimate, ..."),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
     list_all: bool = typer.Option(False, "--list", help="list presets and compressors and exit"),
@@ -41,12 +45,19 @@ def info(
         console.print("vision presets:", ", ".join(laco.list_vision_presets()))
         console.print("compressors:", ", ".join(laco.list_compressors()))
         return
+    from laco.model import anyres
+
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = laco.create_vision_encoder(encoder)
         enc = laco.compress_encoder(model, method, layer=parse_layers(layer), ratio=ratio, feature_layer=feature_layer)
-    cost = laco.encoder_cost(enc, image_size)
+        full = laco.compress_encoder(laco.create_vision_encoder(encoder), "none", feature_layer=feature_layer)
+    tiled = image_size is not None and "x" in image_size.lower()
+    hw = anyres.parse_image_size(image_size) if image_size is not None else None
+    cost = laco.encoder_cost(enc, None if tiled else (hw[0] if hw else None))
+    report = anyres_report(enc, full, hw, max_tiles, max_grid) if tiled else None
     if as_json:
-        print(json.dumps({"encoder": encoder, "method": method, "layer": layer, "ratio": ratio, **cost.to_dict()}, indent=2))
+        print(json.dumps({"encoder": encoder, "method": method, "layer": layer, "ratio": ratio, **cost.to_dict(),
+                          **({"anyres": report} if report else {})}, indent=2))
         return
     table = Table(title=f"{encoder} + {method} @ layer {layer}, r={ratio}  ({enc.num_layers} layers run)")
     for col in ("part", "params (M)", "GFLOPs"):
@@ -64,3 +75,35 @@ def info(
         f"encoder FLOPs: {cost.total_flops / 1e9:.1f} G vs {cost.baseline_flops / 1e9:.1f} G uncompressed "
         f"-> FLOP ratio {cost.flop_ratio:.3f} ({1 / cost.flop_ratio:.2f}x fewer)"
     )
+    if report:
+        console.print(
+            f"AnyRes image {report['image_width']}x{report['image_height']} (WxH): {report['tiles'][0]}x"
+            f"{report['tiles'][1]} tiles + base = {report['encoder_inputs']} encoder inputs of {report['tile_size']} px "
+            f"(anyres_max_{max_tiles})"
+        )
+        for key, name in (("without", "without compression"), ("with", f"with {method}")):
+            r = report[key]
+            console.print(f"  {name:>24}: {r['tile_grid'][0]}x{r['tile_grid'][1]} tokens per tile, LLM tokens "
+                          f"{r['tokens']} (base {r['base_tokens']} + grid {r['grid'][0]}x{r['grid'][1]} + "
+                          f"{r['newlines']} newlines), encoder {r['encoder_gflops']:.1f} GFLOPs")
+        console.print(f"  -> {report['with']['tokens'] / report['without']['tokens']:.3f} of the LLM tokens, "
+                      f"{report['with']['encoder_gflops'] / report['without']['encoder_gflops']:.3f} of the encoder FLOPs")
+
+
+def anyres_report(enc, full, image_hw: tuple[int, int], max_tiles: int, max_grid: int) -> dict:
+    """Tiles, LLM tokens and encoder FLOPs of one AnyRes image, with ``enc`` and with the uncompressed ``full``."""
+    import laco
+    from laco.model import anyres
+
+    size = enc.adapter.config.image_size
+    pinpoints = anyres.default_pinpoints(size, max_grid)
+    out: dict = {"image_height": image_hw[0], "image_width": image_hw[1], "tile_size": size}
+    for key, tower in (("without", full), ("with", enc)):
+        grid = tower.output_grid(tower.adapter.grid_for_image_size(size))
+        lay = anyres.image_layout(image_hw, tile_grid_size=grid, pinpoints=pinpoints, tile_size=size,
+                                  max_tiles=max_tiles, newline=True)
+        flops = laco.encoder_cost(tower, size).total_flops * lay.num_inputs
+        out.update(tiles=list(lay.tiles), encoder_inputs=lay.num_inputs)
+        out[key] = {"tile_grid": list(grid), "tokens": lay.num_tokens, "base_tokens": grid[0] * grid[1],
+                    "grid": list(lay.final_grid), "newlines": lay.final_grid[0], "encoder_gflops": flops / 1e9}
+    return out

@@ -19,7 +19,8 @@ For one sample (``{"id", "images", "messages"}`` from ``LlavaDataset``):
 
 A batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T), right-padded to the longest sample
 (optionally to a multiple of ``pad_to_multiple_of``), and ``pixel_values`` (n_images, 3, H, W) in
-placeholder order, only when the batch has images. Samples that are ``None`` (an image that failed
+placeholder order, only when the batch has images; under AnyRes also ``image_sizes`` (n_images, 2) and
+``batch_num_images`` (images per sample that has any). Samples that are ``None`` (an image that failed
 to decode with ``on_bad_record="skip"``) or dropped are counted in ``collator.stats``.
 """
 
@@ -39,12 +40,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class EncodedSample:
-    """One tokenised sample. ``input_ids``/``labels``: (T,) long; ``pixel_values``: (n_tiles, 3, H, W) or None."""
+    """One tokenised sample. ``input_ids``/``labels``: (T,) long; ``pixel_values``: (n_tiles, 3, H, W) or None;
+    ``image_sizes``: (n_images, 2) original (H, W) under AnyRes, else None."""
 
     id: str
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor | None = None
+    image_sizes: torch.Tensor | None = None
 
 
 @dataclass
@@ -138,17 +141,21 @@ class LlavaCollator:
         ids: list[int] = []
         labels: list[int] = []
         pixels: list[torch.Tensor] = []
+        sizes: list[torch.Tensor] = []
         used = 0
         for text, is_assistant in self.segments(sample["messages"]):
             n = text.count(self.image_token)
+            # the sample's image count (not the segment's) decides AnyRes tiling: OneVision tiles lone images only
             enc = self.processor(text=[text], images=images[used : used + n] or None, return_tensors=None,
-                                 padding=False, add_special_tokens=False)
+                                 padding=False, add_special_tokens=False, multi_image=len(images) > 1)
             used += n
             tok = list(enc["input_ids"][0])
             ids += tok
             labels += tok if is_assistant else [IGNORE_INDEX] * len(tok)
             if n:
                 pixels.append(torch.as_tensor(enc["pixel_values"]))
+                if "image_sizes" in enc:
+                    sizes.append(torch.as_tensor(enc["image_sizes"]))
         if used != len(images):
             raise ValueError(f"sample {sample.get('id')!r}: {used} {self.image_token!r} placeholder(s) but {len(images)} image(s)")
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -156,7 +163,7 @@ class LlavaCollator:
         is_image = input_ids == self.image_token_id
         label_t[is_image] = IGNORE_INDEX
         pixel_values = torch.cat(pixels) if pixels else None
-        enc = EncodedSample(str(sample.get("id")), input_ids, label_t, pixel_values)
+        enc = EncodedSample(str(sample.get("id")), input_ids, label_t, pixel_values, torch.cat(sizes) if sizes else None)
         if len(input_ids) > self.max_length:
             enc = self._overflow(enc, is_image)
         if enc is not None and not bool((enc.labels[1:] != IGNORE_INDEX).any()):
@@ -179,7 +186,7 @@ class LlavaCollator:
         logger.warning("truncating %s", where)
         self.stats.truncated += 1
         m = self.max_length
-        return EncodedSample(enc.id, enc.input_ids[:m], enc.labels[:m], enc.pixel_values)
+        return EncodedSample(enc.id, enc.input_ids[:m], enc.labels[:m], enc.pixel_values, enc.image_sizes)
 
     # -- batch ----------------------------------------------------------------------------------
     def __call__(self, samples: Sequence[dict | None]) -> dict[str, Any]:
@@ -214,4 +221,8 @@ class LlavaCollator:
         pixels = [e.pixel_values for e in encoded if e.pixel_values is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)  # (n_images_total, 3, H, W), placeholder order
+        sizes = [e.image_sizes for e in encoded if e.image_sizes is not None]
+        if sizes:  # AnyRes: original sizes, and images per sample (a sample with several is not tiled)
+            batch["image_sizes"] = torch.cat(sizes)  # (n_images_total, 2)
+            batch["batch_num_images"] = torch.tensor([len(s) for s in sizes], dtype=torch.long)
         return batch

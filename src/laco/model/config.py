@@ -65,7 +65,15 @@ class LaCoConfig(PreTrainedConfig):
         vision_feature_layer: which encoder layer feeds the projector (-1 last, -2 penultimate, ...).
         vision_feature_select_strategy: ``"default"`` drops prefix tokens (CLS, registers), ``"full"`` keeps them.
         image_token / image_token_id: the placeholder token repeated ``num_image_tokens`` times per image.
-        image_size: input resolution; default: ``vision_config.image_size``.
+        image_size: input resolution (the tile size under AnyRes); default: ``vision_config.image_size``.
+        image_grid_pinpoints: LLaVA-OneVision AnyRes resolutions ``[[h, w], ...]`` (multiples of ``image_size``);
+            None: every image is one base image. See ``laco.model.anyres`` for the layout.
+        vision_aspect_ratio: ``"anyres_max_N"``: unpadded AnyRes grids over about N tiles of tokens are down-scaled.
+        use_image_newline: the model holds a learned ``image_newline`` token (LLM width) closing every row of
+            an AnyRes grid, every untiled image and every video (OneVision's layout).
+        video_token / video_token_id: the placeholder repeated ``video_tokens(num_frames)`` times per video.
+        video_pooling: OneVision's 2x2 bilinear pooling of each frame's projected features; default: on only
+            without compression (method "none"), since the encoder's own merge replaces it.
     """
 
     model_type = "laco"
@@ -83,6 +91,12 @@ class LaCoConfig(PreTrainedConfig):
     image_token: str = "<image>"
     image_token_id: int | None = None
     image_size: int | None = None
+    image_grid_pinpoints: list | None = None
+    vision_aspect_ratio: str = "anyres_max_9"
+    use_image_newline: bool = False
+    video_token: str = "<video>"
+    video_token_id: int | None = None
+    video_pooling: bool | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
 
@@ -98,12 +112,19 @@ class LaCoConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
             )
-        if self.image_token_id is not None and not 0 <= self.image_token_id < self.text_config.vocab_size:
-            raise ValueError(
-                f"image_token_id {self.image_token_id} is outside the LLM vocabulary (size {self.text_config.vocab_size})"
-            )
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+        from laco.model import anyres
+
+        anyres.parse_max_tiles(self.vision_aspect_ratio)
+        if self.image_grid_pinpoints is not None:
+            self.image_grid_pinpoints = anyres.check_pinpoints(self.image_grid_pinpoints, self.image_size)
+        if self.video_pooling is None:
+            self.video_pooling = self.compression["method"] == "none"
+        for name in ("image_token_id", "video_token_id"):
+            tid = getattr(self, name)
+            if tid is not None and not 0 <= tid < self.text_config.vocab_size:
+                raise ValueError(f"{name} {tid} is outside the LLM vocabulary (size {self.text_config.vocab_size})")
 
     @property
     def num_image_tokens(self) -> int:
@@ -119,6 +140,34 @@ class LaCoConfig(PreTrainedConfig):
         with torch.device("meta"):
             tower = build_vision_tower(self)
         return vision_tokens(tower, self)
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        """The (compressed) token grid of one base image / tile / frame, as the LLM receives it."""
+        from laco.model.modeling import build_vision_tower
+
+        import torch
+
+        with torch.device("meta"):
+            tower = build_vision_tower(self)
+        return tuple(tower.output_grid(tower.adapter.grid_for_image_size(self.image_size)))
+
+    def image_layout(self, image_size: tuple[int, int], tiled: bool = True, tile_grid: tuple[int, int] | None = None):
+        """``laco.model.anyres.ImageLayout`` of one image of ``image_size`` (H, W); ``tiled=False``: base only.
+
+        ``tile_grid``: the tower's per-tile grid when the caller has it (default: computed from the config).
+        """
+        from laco.model import anyres
+
+        return anyres.image_layout(image_size, tile_grid_size=tile_grid or self.tile_grid, pinpoints=self.image_grid_pinpoints,
+                                   tile_size=self.image_size, max_tiles=anyres.parse_max_tiles(self.vision_aspect_ratio),
+                                   newline=self.use_image_newline, tiled=tiled)
+
+    def video_tokens(self, num_frames: int) -> int:
+        """LLM tokens of a video of ``num_frames`` frames (see ``laco.model.anyres``)."""
+        from laco.model import anyres
+
+        return anyres.video_tokens(num_frames, self.tile_grid, pool=self.video_pooling, newline=self.use_image_newline)
 
 
 def vision_tokens(tower, config: LaCoConfig) -> int:

@@ -15,10 +15,14 @@ which is never passed through the encoder's final norm, so a SigLIP / DINOv2 tow
 (LLaVA-OneVision) converts to ``feature_layer=-1`` with ``final_norm=False`` (stored in the
 compression kwargs); positive layer indices become the equivalent negative ones.
 
+LLaVA-OneVision's visual layout carries over (``laco.model.anyres``): ``image_grid_pinpoints``,
+``vision_aspect_ratio`` (anyres_max_N), the learned ``image_newline``, the video token, and the
+source's image processor; each tile, base image and video frame is compressed inside the encoder on
+its own, and unpadding / newlines act on the compressed grid. With method ``none`` the converted
+model computes exactly what the source does (images, multi-image prompts, videos).
+
 What does not carry over (each is listed in ``conversion.json`` ``notes``):
 
-* LLaVA-OneVision's AnyRes tiling and its learned ``image_newline``: the LaCo model encodes each
-  image (or tile) at the tower's base resolution; ``image_newline`` is dropped.
 * ``vision_feature_select_strategy="default"`` on a tower without a CLS token (SigLIP): Hugging
   Face drops the first *patch* there; LaCo's "default" drops only prefix tokens (none for SigLIP),
   so the grid stays whole -- the merge needs a complete grid.
@@ -171,10 +175,15 @@ def _source_tokens_per_image(adapter, image_size: int, strategy: str) -> int:
 
 def build_converted_model(
     source_model: nn.Module, *, layer: LayerSpec | Sequence[LayerSpec] = "1/4", ratio: int = 2, method: str = "laco",
-    compressor_kwargs: dict[str, Any] | None = None, image_token: str = "<image>",
+    compressor_kwargs: dict[str, Any] | None = None, image_token: str = "<image>", video_token: str | None = "<video>",
+    video_pooling: bool | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """A ``LaCoForConditionalGeneration`` sharing ``source_model``'s vision tower and LLM tensors (no copies),
     with a new compressor (zero-initialised LaCo PML by default) and the LLaVA projector's weights.
+
+    LLaVA-OneVision's visual layout carries over: ``image_grid_pinpoints``, ``vision_aspect_ratio``, the learned
+    ``image_newline`` (same tensor) and the video token (``video_token=None``: no video input). ``video_pooling`` (OneVision's 2x2 bilinear frame
+    pooling): default on only for method "none", since the in-encoder merge replaces it.
 
     Returns the model (eval mode) and notes on what did not carry over.
     """
@@ -207,13 +216,7 @@ def build_converted_model(
     act = src_cfg.projector_hidden_act
     if act not in _GELU_ACTS:
         raise ValueError(f"projector activation {act!r} has no LaCo projector; supported: {_GELU_ACTS}")
-    if getattr(base, "image_newline", None) is not None:
-        notes.append("image_newline (LLaVA-OneVision's AnyRes row separator) is dropped: the LaCo model encodes each "
-                     "image at the tower's base resolution without AnyRes tiling")
-    if getattr(src_cfg, "image_grid_pinpoints", None):
-        notes.append("AnyRes tiling (image_grid_pinpoints) is not carried over; images are resized to the tower's "
-                     f"{vision.config.image_size} px base resolution")
-
+    newline = getattr(base, "image_newline", None)
     config = LaCoConfig(
         vision_config=vision.config.to_dict(),
         text_config=base.language_model.config.to_dict(),
@@ -224,6 +227,12 @@ def build_converted_model(
         image_token=image_token,
         image_token_id=src_cfg.image_token_id,
         image_size=vision.config.image_size,
+        image_grid_pinpoints=getattr(src_cfg, "image_grid_pinpoints", None),
+        vision_aspect_ratio=getattr(src_cfg, "vision_aspect_ratio", None) or "anyres_max_9",
+        use_image_newline=newline is not None,
+        video_token=video_token or "<video>",
+        video_token_id=getattr(src_cfg, "video_token_id", None) if video_token else None,
+        video_pooling=video_pooling,
         tie_word_embeddings=bool(getattr(src_cfg, "tie_word_embeddings", False)),
     )
     with torch.device("meta"):  # a skeleton: every module below is replaced by the source's or built for real
@@ -233,6 +242,8 @@ def build_converted_model(
     setattr(lm, lm.base_model_prefix, base.language_model)
     lm.set_output_embeddings(source_model.get_output_embeddings())
     model.projector = _convert_projector(base.multi_modal_projector, adapter.dim, config.text_config.hidden_size)
+    if newline is not None:
+        model.image_newline = newline  # the source's learned row separator (same tensor)
     model.config.vision_config = vision.config
     model.config.text_config = base.language_model.config
     lm.config = base.language_model.config
@@ -310,6 +321,7 @@ def convert_checkpoint(
     ratio: int = 2,
     method: str = "laco",
     compressor_kwargs: dict[str, Any] | None = None,
+    video_pooling: bool | None = None,
     overwrite: bool = False,
 ) -> ConversionReport:
     """Convert the LLaVA(-OneVision) checkpoint in ``src_dir`` into a LaCo model saved in ``out_dir``.
@@ -336,9 +348,20 @@ def convert_checkpoint(
     image_token = "<image>"
     if tokenizer is not None and cfg.get("image_token_index", cfg.get("image_token_id")) is not None:
         image_token = tokenizer.convert_ids_to_tokens(int(cfg.get("image_token_index", cfg.get("image_token_id"))))
+    video_token, video_id = "<video>", cfg.get("video_token_index", cfg.get("video_token_id"))
+    video_note = None
+    if tokenizer is not None and video_id is not None:
+        video_token = tokenizer.convert_ids_to_tokens(int(video_id))
+        if video_token not in tokenizer.all_special_tokens:  # a plain text piece cannot be a placeholder
+            video_note = (f"the source tokenizer has no special token for video_token_id {video_id} ({video_token!r}): "
+                          "the converted model takes no video")
+            video_token = None
     source_model = _hf_class(cfg["model_type"]).from_pretrained(src, dtype="auto").eval()
     model, notes = build_converted_model(source_model, layer=layer, ratio=ratio, method=method,
-                                         compressor_kwargs=compressor_kwargs, image_token=image_token)
+                                         compressor_kwargs=compressor_kwargs, image_token=image_token,
+                                         video_token=video_token, video_pooling=video_pooling)
+    if video_note:
+        notes.append(video_note)
     tower = model.vision_tower
     adapter = get_adapter(tower.vision_model)
     cost = encoder_cost(tower, model.config.image_size)

@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from laco.encoders import CompressedVisionEncoder, compress_encoder
+from laco.model import anyres
 from laco.model.compat import CACHE_KEY, causal_lm_output, output_cache
 from laco.model.config import LaCoConfig, vision_tokens
 from laco.model.projectors import create_projector
@@ -87,6 +88,9 @@ class LaCoPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
+        if getattr(module, "image_newline", None) is not None:  # as LlavaOnevisionModel: randn / sqrt(width)
+            with torch.no_grad():
+                module.image_newline.normal_(0.0, 1.0 / module.image_newline.numel() ** 0.5)
         # The encoder and the LLM are PreTrainedModels and initialise themselves (dispatched by HF).
         # What is left: the projector (LLaVA-style normal(0, 0.02)) and the compressors, which keep
         # their own scheme (e.g. LaCo's zero-initialised last projection): a compressor sub-module is
@@ -133,6 +137,9 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
             config.projector_type, self.vision_tower.hidden_size, config.text_config.hidden_size
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # OneVision's learned row separator (LLM width); see laco.model.anyres
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if config.use_image_newline else None
+        _check_visual_layout(self.vision_tower, config)
         # the tower is a plain nn.Module, so HF would not collect its encoder's unsplittable layer classes
         # (device_map="auto", FSDP auto-wrap): name them here; the LLM's are collected by post_init
         self._no_split_modules = list(getattr(self.vision_tower.vision_model, "_no_split_modules", None) or [])
@@ -164,11 +171,11 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per part: "compressor", "encoder", "projector", "llm" (disjoint; together: all)."""
+        """Parameters per part: "compressor", "encoder", "projector" (+ image_newline), "llm" (disjoint; together: all)."""
         return {
             "compressor": list(self.vision_tower.compressors.parameters()),
             "encoder": list(self.vision_tower.vision_model.parameters()),
-            "projector": list(self.projector.parameters()),
+            "projector": [*self.projector.parameters(), *([self.image_newline] if self.image_newline is not None else [])],
             "llm": list(self.language_model.parameters()),
         }
 
@@ -184,28 +191,82 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         return image_features(self.vision_tower, self.projector, self.config, pixel_values,
                               encoder_state=encoder_state, start_layer=start_layer)
 
+    def tile_grid(self) -> tuple[int, int]:
+        """The token grid one base image / tile / frame gives the LLM (compressed by the tower)."""
+        return tuple(self.vision_tower.output_grid(self.vision_tower.adapter.grid_for_image_size(self.config.image_size)))
+
+    def image_layouts(self, image_sizes, batch_num_images=None) -> list:
+        """One ``anyres.ImageLayout`` per image: tiled when the model has pinpoints and the image is alone in its
+        sample (HF's ``batch_num_images`` rule: images of a multi-image prompt are not tiled)."""
+        sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).reshape(-1, 2).tolist()]
+        if batch_num_images is None:
+            tiled = [True] * len(sizes)
+        else:
+            tiled = [int(n) == 1 for n in torch.as_tensor(batch_num_images).reshape(-1).tolist() for _ in range(int(n))]
+        if len(tiled) != len(sizes):
+            raise ValueError(f"batch_num_images sums to {len(tiled)} images but image_sizes has {len(sizes)}")
+        grid = self.tile_grid()
+        return [self.config.image_layout(s, tiled=t, tile_grid=grid) for s, t in zip(sizes, tiled)]
+
+    def get_visual_tokens(self, pixel_values: torch.Tensor, image_sizes=None, batch_num_images=None) -> list[torch.Tensor]:
+        """Images -> their LLM tokens, one (N_i, D) tensor per image, in OneVision's layout (``laco.model.anyres``).
+
+        ``pixel_values``: (n_inputs, 3, S, S), the base image then the tiles of each image in turn, or HF's
+        padded (n_images, max_inputs, 3, S, S). ``image_sizes`` (n_images, 2) original (H, W): needed with
+        pinpoints; without them every input is one untiled image.
+        """
+        if image_sizes is None:
+            if self.config.image_grid_pinpoints and pixel_values.ndim != 4:
+                raise ValueError("pixel_values of AnyRes images need image_sizes (use LaCoProcessor)")
+            n = pixel_values.shape[0]
+            grid = self.tile_grid()
+            layouts = [self.config.image_layout((1, 1), tiled=False, tile_grid=grid)] * n
+        else:
+            layouts = self.image_layouts(image_sizes, batch_num_images)
+        counts = [lay.num_inputs for lay in layouts]
+        if pixel_values.ndim == 5:  # HF: (n_images, max_inputs, 3, S, S), zero-padded on dim 1
+            if pixel_values.shape[0] != len(layouts) or any(c > pixel_values.shape[1] for c in counts):
+                raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not hold {counts} inputs per image")
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)])
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} images/tiles but the image sizes call for "
+                             f"{sum(counts)} ({counts} per image: base image + tiles)")
+        feats = self.get_image_features(pixel_values)  # (n_inputs, g*g, D)
+        return [anyres.pack_image(f, lay, self.image_newline) for f, lay in zip(feats.split(counts), layouts)]
+
+    def get_video_tokens(self, pixel_values_videos) -> list[torch.Tensor]:
+        """Videos -> their LLM tokens, one (video_tokens(T), D) tensor per video.
+
+        ``pixel_values_videos``: (n_videos, T, 3, S, S) or a list of (T_i, 3, S, S). Each frame is encoded on
+        its own (compressed inside the encoder), optionally pooled 2x2 after the projector (``video_pooling``),
+        frames in order, then one ``image_newline``.
+        """
+        grid = self.tile_grid()
+        return [anyres.pack_video(self.get_image_features(v), grid, pool=self.config.video_pooling,
+                                  newline=self.image_newline) for v in pixel_values_videos]
+
     def merge_image_features(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features, token_id: int | None = None,
     ) -> torch.Tensor:
-        """Write ``image_features`` (n_img, T, D), in order, into the ``image_token_id`` positions.
+        """Write ``image_features`` ((n_img, T, D), or a list of (N_i, D)), in order, into the ``token_id``
+        positions (default: ``image_token_id``; ``video_token_id`` for videos).
 
         The counts must match exactly (never truncated): a ValueError names both counts.
         """
-        mask = input_ids == self.config.image_token_id  # (B, L)
+        token_id = self.config.image_token_id if token_id is None else token_id
+        what = "video" if token_id == self.config.video_token_id and token_id != self.config.image_token_id else "image"
+        mask = input_ids == token_id  # (B, L)
         n_tokens = int(mask.sum())
-        n_img, per_image = image_features.shape[:2]
-        if n_tokens != n_img * per_image:
+        per_item = [f.shape[0] for f in image_features] if isinstance(image_features, (list, tuple)) else \
+            [image_features.shape[1]] * image_features.shape[0]
+        if n_tokens != sum(per_item):
             raise ValueError(
-                f"image tokens and image features do not match: the input has {n_tokens} image tokens "
-                f"(id {self.config.image_token_id}) but {n_img} image(s) x {per_image} tokens = {n_img * per_image} "
-                f"features; each <image> must be expanded to {per_image} tokens (use LaCoProcessor)"
+                f"{what} tokens and {what} features do not match: the input has {n_tokens} {what} tokens "
+                f"(id {token_id}) but {len(per_item)} {what}(s) give {sum(per_item)} features ({per_item} each); "
+                f"each placeholder must be expanded to its {what}'s token count (use LaCoProcessor)"
             )
-        per_row = mask.sum(-1)
-        if bool((per_row % per_image).any()):
-            raise ValueError(
-                f"image tokens per sequence {per_row.tolist()} are not multiples of {per_image} tokens per image"
-            )
-        feats = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in image_features])
+        feats = feats.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), feats)
 
     # -- forward --------------------------------------------------------------------------------
@@ -216,6 +277,9 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         past_key_values=None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -225,24 +289,29 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward with images; ``loss`` (shifted CE) when ``labels`` are given.
 
-        Image-token positions are never predicted: their labels are set to -100 here.
+        Images: ``pixel_values`` (+ ``image_sizes`` / ``batch_num_images`` under AnyRes), see ``get_visual_tokens``;
+        videos: ``pixel_values_videos``, see ``get_video_tokens``. Image- and video-token positions are never
+        predicted: their labels are set to -100 here.
         """
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        image_id = self.config.image_token_id
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the image tokens")
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values))
-        elif input_ids is not None and _is_prefill(cache) and image_id is not None and bool((input_ids == image_id).any()):
-            raise ValueError(
-                f"the input has {int((input_ids == image_id).sum())} image tokens (id {image_id}) but no pixel_values"
-            )
-        if labels is not None and input_ids is not None and image_id is not None:
-            labels = labels.masked_fill(input_ids == image_id, -100)
+        media = (("image", self.config.image_token_id, pixel_values,
+                  lambda: self.get_visual_tokens(pixel_values, image_sizes, batch_num_images)),
+                 ("video", self.config.video_token_id, pixel_values_videos,
+                  lambda: self.get_video_tokens(pixel_values_videos)))
+        for what, token_id, pixels, encode in media:
+            if pixels is not None:
+                if input_ids is None or token_id is None:
+                    raise ValueError(f"{what} pixels need input_ids and the config's {what}_token_id to locate them")
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, encode(), token_id)
+            elif input_ids is not None and _is_prefill(cache) and token_id is not None and bool((input_ids == token_id).any()):
+                raise ValueError(f"the input has {int((input_ids == token_id).sum())} {what} tokens (id {token_id}) "
+                                 f"but no {'pixel_values' if what == 'image' else 'pixel_values_videos'}")
+            if labels is not None and input_ids is not None and token_id is not None:
+                labels = labels.masked_fill(input_ids == token_id, -100)
         out = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -263,7 +332,8 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         # (GenerationMixin drops them already; this keeps the rule explicit and version-proof.)
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            inputs.pop("pixel_values", None)
+            for key in ("pixel_values", "pixel_values_videos", "image_sizes", "batch_num_images"):
+                inputs.pop(key, None)
         return inputs
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
@@ -331,6 +401,15 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         model.config.vision_config = vision_model.config
         model.config.text_config = llm.config
         return model
+
+
+def _check_visual_layout(tower: CompressedVisionEncoder, config: LaCoConfig) -> None:
+    """AnyRes, image_newline and video stitch token grids: the LLM must receive the whole grid, no prefix."""
+    if not (config.image_grid_pinpoints or config.use_image_newline or config.video_token_id is not None):
+        return
+    if config.vision_feature_select_strategy == "full" and tower.num_prefix_tokens:
+        raise ValueError(f"AnyRes / image_newline / video need the image tokens to be a grid, but strategy 'full' keeps "
+                         f"{tower.num_prefix_tokens} prefix token(s) of {type(tower.vision_model).__name__}; use 'default'")
 
 
 def _is_prefill(cache) -> bool:

@@ -1,22 +1,22 @@
-"""``LaCoProcessor``: images + text -> ``input_ids``, ``attention_mask``, ``pixel_values`` for a LaCo MLLM.
+"""``LaCoProcessor``: images, videos + text -> model inputs for a LaCo MLLM.
 
-Every ``<image>`` placeholder in the text becomes ``num_tiles * num_image_tokens`` image tokens, where
-``num_image_tokens`` is the model's compressed token count per image/tile (from the compression config:
-``LaCoProcessor.from_model_config``, never hard-coded) and ``num_tiles`` is 1 unless AnyRes is on.
+Every ``<image>`` placeholder becomes exactly as many image tokens as the model produces for that image,
+and every ``<video>`` as many video tokens as it produces for that video (``laco.model.anyres``: one
+arithmetic for the model and the processor). A mismatch after tokenization is a ValueError before any
+forward.
 
-Image preprocessing uses ``SiglipImageProcessorPil`` (PIL + numpy, no torchvision): resize to the square
-input size (no crop, as LLaVA-OneVision), rescale to [0, 1], normalise with the encoder family's mean/std.
-
-**AnyRes multi-crop** (``anyres_grids=[[rows, cols], ...]``): each image picks the tile layout that keeps
-the most of its resolution (then wastes the least canvas, as LLaVA-NeXT's ``select_best_resolution``),
-is resized to fit a ``rows*S x cols*S`` canvas with its aspect ratio kept, padded with the mean colour,
-and cut into ``rows*cols`` tiles of ``S x S``. Token layout of one image, each block ``num_image_tokens``
-long and compressed separately by the vision tower::
-
-    [tile (0,0)] [tile (0,1)] ... [tile (rows-1, cols-1)] [global thumbnail: the whole image at S x S]
-
-A ``(1, 1)`` layout is just the thumbnail (one block). ``pixel_values`` holds the tiles in exactly this
-order, image after image, so the model scatters them without knowing about tiles.
+* **No pinpoints** (``image_grid_pinpoints=None``): an image is resized to the square input size
+  (``SiglipImageProcessorPil``: PIL + numpy, no torchvision) and gives ``num_image_tokens`` tokens
+  (+1 with ``image_newline``).
+* **LLaVA-OneVision AnyRes** (pinpoints): images are preprocessed by Hugging Face's
+  ``LlavaOnevisionImageProcessorPil`` (base image first, then the tiles of the best-fit pinpoint) and the
+  count is ``ImageLayout.num_tokens`` (base grid + unpadded grid + one newline per row, after
+  ``anyres_max_N``). As in OneVision, images of a multi-image prompt are not tiled (base image + newline).
+  Outputs: ``pixel_values`` (n_inputs, 3, S, S) (base image and tiles of each image in turn),
+  ``image_sizes`` (n_images, 2), ``batch_num_images`` (images per sample that has images).
+* **Video** (``videos=``: a list of frames or a ``(T, H, W, 3)`` array per ``<video>``): every frame is
+  resized to S x S; ``<video>`` becomes ``T * tokens_per_frame + 1`` tokens; ``pixel_values_videos``
+  (n_videos, T, 3, S, S).
 """
 
 from __future__ import annotations
@@ -25,10 +25,14 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import math
+
 import numpy as np
 import torch
-from transformers import BatchFeature, ProcessorMixin, SiglipImageProcessorPil
+from transformers import BatchFeature, LlavaOnevisionImageProcessorPil, ProcessorMixin, SiglipImageProcessorPil
 from transformers.processing_utils import MultiModalData
+
+from laco.model import anyres
 
 _MEAN_STD = {  # (mean, std) per vision family
     "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
@@ -38,10 +42,16 @@ _MEAN_STD = {  # (mean, std) per vision family
 }
 
 
-def make_image_processor(image_size: int, vision_model_type: str = "siglip_vision_model") -> SiglipImageProcessorPil:
-    """Resize to ``image_size`` square, rescale, normalise with the family's statistics (torchvision-free)."""
-    mean, std = _MEAN_STD.get(vision_model_type, _MEAN_STD["siglip_vision_model"])
-    return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std)
+def make_image_processor(image_size: int, vision_model_type: str = "siglip_vision_model", *, pinpoints=None,
+                         mean=None, std=None):
+    """The torchvision-free image processor: with ``pinpoints`` LLaVA-OneVision's AnyRes one (base image, then
+    tiles), else a plain resize to ``image_size`` square; rescale, normalise (default: the family's statistics)."""
+    fam_mean, fam_std = _MEAN_STD.get(vision_model_type, _MEAN_STD["siglip_vision_model"])
+    kw = dict(size={"height": image_size, "width": image_size}, image_mean=list(mean or fam_mean),
+              image_std=list(std or fam_std))
+    if pinpoints:
+        return LlavaOnevisionImageProcessorPil(image_grid_pinpoints=[list(p) for p in pinpoints], **kw)
+    return SiglipImageProcessorPil(**kw)
 
 
 def load_image_processor(path: str | os.PathLike):
@@ -86,20 +96,6 @@ def output_size_or_none(image_processor) -> int | None:
         return None
 
 
-def select_tile_grid(image_hw: tuple[int, int], grids: Sequence[Sequence[int]], tile: int) -> tuple[int, int]:
-    """The (rows, cols) in ``grids`` keeping the most image resolution, ties broken by the least wasted canvas."""
-    h, w = image_hw
-    best, best_key = None, None
-    for rows, cols in grids:
-        scale = min(rows * tile / h, cols * tile / w)
-        effective = min(int(h * scale) * int(w * scale), h * w)
-        waste = rows * cols * tile * tile - effective
-        key = (effective, -waste)
-        if best_key is None or key > best_key:
-            best, best_key = (int(rows), int(cols)), key
-    return best
-
-
 def _to_pil(image):
     from PIL import Image
 
@@ -115,22 +111,13 @@ def _to_pil(image):
     raise TypeError(f"images must be PIL images or HxWx3 numpy arrays, got {type(image).__name__}")
 
 
-def split_anyres(image, grid: tuple[int, int], tile: int, fill: Sequence[float]) -> list:
-    """Cut ``image`` into ``rows*cols`` S x S tiles (raster order) of an aspect-preserving padded canvas."""
-    from PIL import Image
-
-    rows, cols = grid
-    w, h = image.size
-    scale = min(rows * tile / h, cols * tile / w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    colour = tuple(int(round(255 * m)) for m in fill)
-    canvas = Image.new("RGB", (cols * tile, rows * tile), colour)
-    canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((cols * tile - new_w) // 2, (rows * tile - new_h) // 2))
-    return [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)]
-
-
 class LaCoProcessor(ProcessorMixin):
-    """Image processor + tokenizer + chat template; expands ``<image>`` to the model's image-token count."""
+    """Image processor + tokenizer + chat template; expands ``<image>`` / ``<video>`` to the model's token counts.
+
+    Args (all from the model config, see ``from_model_config``): ``num_image_tokens`` per base image / tile;
+    ``image_grid_pinpoints``, ``vision_aspect_ratio``, ``image_newline`` (OneVision's layout);
+    ``video_token``, ``video_pooling`` (2x2 bilinear frame pooling).
+    """
 
     def __init__(
         self,
@@ -138,7 +125,11 @@ class LaCoProcessor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int | None = None,
         image_token: str = "<image>",
-        anyres_grids: list[list[int]] | None = None,
+        image_grid_pinpoints: list[list[int]] | None = None,
+        vision_aspect_ratio: str = anyres.DEFAULT_VISION_ASPECT_RATIO,
+        image_newline: bool = False,
+        video_token: str | None = None,
+        video_pooling: bool = False,
         chat_template: str | None = None,
         **kwargs: Any,
     ):
@@ -146,112 +137,190 @@ class LaCoProcessor(ProcessorMixin):
             raise ValueError(
                 f"num_image_tokens must be a positive int (use LaCoProcessor.from_model_config), got {num_image_tokens!r}"
             )
-        if image_token not in tokenizer.get_vocab():
-            raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary")
-        if anyres_grids is not None:
-            anyres_grids = [[int(r), int(c)] for r, c in anyres_grids]
-            if not anyres_grids or any(r < 1 or c < 1 for r, c in anyres_grids):
-                raise ValueError(f"anyres_grids must be a non-empty list of [rows, cols] >= 1, got {anyres_grids!r}")
+        for name, token in (("image", image_token), ("video", video_token)):
+            if token is not None and token not in tokenizer.get_vocab():
+                raise ValueError(f"{name} token {token!r} is not in the tokenizer's vocabulary")
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.anyres_grids = anyres_grids
+        self.video_token = video_token
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if video_token is not None else None
+        self.max_tiles = anyres.parse_max_tiles(vision_aspect_ratio)
+        self.vision_aspect_ratio = vision_aspect_ratio
+        self.image_newline = bool(image_newline)
+        self.video_pooling = bool(video_pooling)
+        self.image_grid_pinpoints = None
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        if image_grid_pinpoints is not None:
+            self.image_grid_pinpoints = anyres.check_pinpoints(image_grid_pinpoints, self.tile_size)
+        if self.image_grid_pinpoints or self.image_newline or video_token is not None:
+            g = math.isqrt(num_image_tokens)
+            if g * g != num_image_tokens:
+                raise ValueError(f"AnyRes / image_newline / video need a square token grid per tile, but "
+                                 f"num_image_tokens is {num_image_tokens}")
 
     @classmethod
-    def from_model_config(
-        cls, config, tokenizer, image_processor=None, anyres_grids: list[list[int]] | None = None
-    ) -> "LaCoProcessor":
-        """A processor matching ``config`` (a ``LaCoConfig``): token count, image size, image token (checked)."""
-        token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        if token_id != config.image_token_id:
-            raise ValueError(
-                f"tokenizer id of {config.image_token!r} is {token_id}, but the model's image_token_id is "
-                f"{config.image_token_id}: tokenizer and model do not belong together"
-            )
+    def from_model_config(cls, config, tokenizer, image_processor=None) -> "LaCoProcessor":
+        """A processor matching ``config`` (a ``LaCoConfig``): token counts, layout, image size, tokens (checked)."""
+        for what in ("image", "video"):
+            token, token_id = getattr(config, f"{what}_token"), getattr(config, f"{what}_token_id")
+            if what == "video" and token_id is None:
+                continue
+            got = tokenizer.convert_tokens_to_ids(token)
+            if got != token_id:
+                raise ValueError(
+                    f"tokenizer id of {token!r} is {got}, but the model's {what}_token_id is "
+                    f"{token_id}: tokenizer and model do not belong together"
+                )
         if image_processor is None:  # a config built in code: the encoder family's statistics
-            image_processor = make_image_processor(config.image_size, config.vision_config.model_type)
+            image_processor = make_image_processor(config.image_size, config.vision_config.model_type,
+                                                   pinpoints=config.image_grid_pinpoints)
         else:  # the encoder's own (a folder, e.g. from_parts' vision_dir, or an object): only the size is set
             if isinstance(image_processor, (str, os.PathLike)):
                 image_processor = load_image_processor(image_processor)
             set_image_size(image_processor, config.image_size)
-        return cls(image_processor, tokenizer, num_image_tokens=config.num_image_tokens,
-                   image_token=config.image_token, anyres_grids=anyres_grids)
+        return cls(image_processor, tokenizer, num_image_tokens=config.num_image_tokens, image_token=config.image_token,
+                   image_grid_pinpoints=config.image_grid_pinpoints, vision_aspect_ratio=config.vision_aspect_ratio,
+                   image_newline=config.use_image_newline,
+                   video_token=config.video_token if config.video_token_id is not None else None,
+                   video_pooling=config.video_pooling)
 
     @property
     def tile_size(self) -> int:
         """Side of the square the image processor outputs (its crop when it centre-crops)."""
         return output_size(self.image_processor)
 
-    # -- images -----------------------------------------------------------------------------------
-    def _tiles(self, image) -> list:
-        """One image -> its tiles in token-layout order (tiles in raster order, then the thumbnail)."""
-        image = _to_pil(image)
-        if self.anyres_grids is None:
-            return [image]
-        grid = select_tile_grid((image.height, image.width), self.anyres_grids, self.tile_size)
-        if grid == (1, 1):
-            return [image]
-        return [*split_anyres(image, grid, self.tile_size, self.image_processor.image_mean), image]
+    # -- token counts -------------------------------------------------------------------------------
+    def image_layout(self, image_size: tuple[int, int], tiled: bool = True) -> anyres.ImageLayout:
+        g = math.isqrt(self.num_image_tokens)
+        return anyres.image_layout(image_size, tile_grid_size=(g, g), pinpoints=self.image_grid_pinpoints,
+                                   tile_size=self.tile_size, max_tiles=self.max_tiles, newline=self.image_newline,
+                                   tiled=tiled)
 
-    def preprocess_images(self, images: Sequence) -> tuple[torch.Tensor, list[int]]:
-        """Images -> (pixel_values (total_tiles, 3, S, S), tiles per image)."""
-        tiles, counts = [], []
-        for image in images:
-            t = self._tiles(image)
-            tiles += t
-            counts.append(len(t))
-        pixel_values = self.image_processor(images=tiles, return_tensors="pt")["pixel_values"]
-        return pixel_values, counts
+    def image_tokens(self, image_size: tuple[int, int], tiled: bool = True) -> int:
+        """LLM tokens of one image of ``image_size`` (H, W); ``tiled=False``: in a multi-image prompt."""
+        if not (self.image_grid_pinpoints or self.image_newline):
+            return self.num_image_tokens  # may include prefix tokens (strategy "full")
+        return self.image_layout(image_size, tiled).num_tokens
 
-    # -- text + images: transformers' ProcessorMixin.__call__ with the standard multimodal hooks ---------
-    def __call__(self, images=None, text=None, **kwargs: Any) -> BatchFeature:
-        """``text`` (one string or a batch) with ``<image>`` placeholders, and ``images`` in placeholder order:
-        a flat list for the whole batch, or one list per sample. Returns input_ids, attention_mask, pixel_values.
+    def video_tokens(self, num_frames: int) -> int:
+        """LLM tokens of a video of ``num_frames`` frames (frames x tokens per frame, + one newline)."""
+        g = math.isqrt(self.num_image_tokens)
+        return anyres.video_tokens(num_frames, (g, g), pool=self.video_pooling, newline=self.image_newline)
 
-        Defaults: ``return_tensors="pt"``, ``padding="longest"``. The rest is ``ProcessorMixin.__call__``:
-        ``_process_images`` preprocesses and ``replace_image_token`` expands each placeholder, so the chat
-        template (``apply_chat_template(..., tokenize=True)``) and vLLM drive this processor as any other.
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        """Hugging Face's hook (vLLM, chat templates): tokens per image (H, W) and per video (T, H, W)."""
+        data: dict[str, list[int]] = {}
+        if image_sizes is not None:
+            data["num_image_tokens"] = [self.image_tokens(tuple(s)) for s in image_sizes]
+            data["num_image_patches"] = [self.image_layout(tuple(s)).num_inputs if self.image_grid_pinpoints else 1
+                                         for s in image_sizes]
+        if video_sizes is not None:
+            data["num_video_tokens"] = [self.video_tokens(int(v[0])) for v in video_sizes]
+        return MultiModalData(**data)
+
+    # -- images and videos ----------------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence, tiled: Sequence[bool]) -> dict[str, torch.Tensor]:
+        """Images -> ``pixel_values`` (n_inputs, 3, S, S) and, with pinpoints, ``image_sizes`` (n, 2) (H, W)."""
+        pil = [_to_pil(im) for im in images]
+        if not self.image_grid_pinpoints:
+            return {"pixel_values": torch.as_tensor(self.image_processor(images=pil, return_tensors="np")["pixel_values"])}
+        pixels = []
+        for im, t in zip(pil, tiled):
+            # OneVision tiles an image only when it is alone in its sample: a 2-image group turns tiling off
+            group = [im] if t else [im, im]
+            out = self.image_processor(images=[group], return_tensors="np")
+            pixels.append(torch.as_tensor(out["pixel_values"][0][: self.image_layout((im.height, im.width), t).num_inputs]))
+        sizes = torch.tensor([[im.height, im.width] for im in pil], dtype=torch.long)
+        return {"pixel_values": torch.cat(pixels), "image_sizes": sizes}
+
+    def preprocess_video(self, video) -> torch.Tensor:
+        """A list of frames or a (T, H, W, 3) array -> (T, 3, S, S), every frame resized to S x S."""
+        frames = list(video)
+        if not frames:
+            raise ValueError("a video has no frames")
+        resize = make_image_processor(self.tile_size, mean=self.image_processor.image_mean,
+                                      std=self.image_processor.image_std)
+        return torch.as_tensor(resize(images=[_to_pil(f) for f in frames], return_tensors="np")["pixel_values"])
+
+    # -- text + images + videos (keyword arguments; images first, as transformers' processors) ---------
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        videos=None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = "longest",
+        multi_image: bool | None = None,
+        **tokenizer_kwargs: Any,
+    ) -> BatchFeature:
+        """``text`` (one string or a batch) with ``<image>`` / ``<video>`` placeholders; ``images`` in placeholder
+        order, a flat list for the whole batch or one list per sample; ``videos`` likewise, a flat list.
+
+        ``multi_image``: whether the images belong to a multi-image prompt (not tiled); default: a sample with
+        one image is tiled, a sample with several is not (OneVision). Returns input_ids, attention_mask,
+        pixel_values (+ image_sizes, batch_num_images with pinpoints), pixel_values_videos.
         """
         if text is None:
             raise ValueError("LaCoProcessor needs text (with one <image> placeholder per image)")
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a string or a list of strings")
-        flat = self._flatten_images(images, [t.count(self.image_token) for t in texts])
-        kwargs.setdefault("return_tensors", "pt")
-        kwargs.setdefault("padding", "longest")
-        return super().__call__(images=flat or None, text=texts, **kwargs)
+        per_sample = [t.count(self.image_token) for t in texts]
+        flat = self._flatten_images(images, per_sample)
+        data: dict[str, Any] = {}
+        counts: list[int] = []
+        if flat:
+            if multi_image is None:
+                tiled = [n == 1 for n in per_sample for _ in range(n)]
+            else:
+                tiled = [not multi_image] * len(flat)
+            data.update(self.preprocess_images(flat, tiled))
+            sizes = [(im.height, im.width) for im in map(_to_pil, flat)]
+            counts = [self.image_tokens(s, t) for s, t in zip(sizes, tiled)]
+            if self.image_grid_pinpoints:
+                data["batch_num_images"] = torch.tensor([n for n in per_sample if n], dtype=torch.long)
+        texts = self._expand(texts, self.image_token, counts)
+        expected = {self.image_token_id: sum(counts)}
+        videos = [] if videos is None else list(videos)
+        n_video = sum(t.count(self.video_token) for t in texts) if self.video_token else 0
+        if len(videos) != n_video:
+            raise ValueError(f"{n_video} {self.video_token or '<video>'} placeholder(s) in the text but "
+                             f"{len(videos)} video(s)" + ("" if self.video_token else " (the model takes no video)"))
+        if videos:
+            clips = [self.preprocess_video(v) for v in videos]
+            if len({c.shape for c in clips}) > 1:
+                raise ValueError(f"videos in one call must have the same number of frames, got {[len(c) for c in clips]}")
+            data["pixel_values_videos"] = torch.stack(clips)  # (n_videos, T, 3, S, S)
+            v_counts = [self.video_tokens(len(c)) for c in clips]
+            texts = self._expand(texts, self.video_token, v_counts)
+            expected[self.video_token_id] = sum(v_counts)
+        enc = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
+        ids = torch.as_tensor(enc["input_ids"]) if return_tensors == "pt" else None
+        for token_id, n in expected.items():
+            found = int((ids == token_id).sum()) if ids is not None else \
+                sum(row.count(token_id) for row in enc["input_ids"])
+            if found != n:
+                raise ValueError(
+                    f"after tokenization there are {found} tokens of id {token_id} but {n} were expected "
+                    f"(truncation cut into an image or video, or the text contains the token id by other means)"
+                )
+        data.update(enc)
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _process_images(self, images, **kwargs):
-        """Images -> ({"pixel_values": (total_tiles, 3, S, S)}, one placeholder replacement per image)."""
-        pixel_values, tiles = self.preprocess_images(list(images))
-        processed = {"pixel_values": pixel_values, "num_tiles": tiles}
-        replacements = [self.replace_image_token(processed, image_idx=i) for i in range(len(tiles))]
-        return {"pixel_values": pixel_values}, replacements
-
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        """The placeholder of image ``image_idx`` expanded to ``num_tiles x num_image_tokens`` image tokens."""
-        tiles = image_inputs.get("num_tiles")
-        return self.image_token * (self.num_image_tokens * (tiles[image_idx] if tiles is not None else 1))
-
-    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs: Any) -> MultiModalData:
-        """Image tokens (and tiles) per image of the given ``(height, width)`` sizes, before any pixel work
-        (the hook vLLM and transformers use to size placeholders)."""
-        data: dict[str, list[int]] = {}
-        if image_sizes is not None:
-            tiles = [self._num_tiles(tuple(hw)) for hw in image_sizes]
-            data = {"num_image_tokens": [t * self.num_image_tokens for t in tiles], "num_image_patches": tiles}
-        return MultiModalData(**data)
-
-    def _num_tiles(self, image_hw: tuple[int, int]) -> int:
-        """Tiles of an image of size (h, w): 1, or rows x cols + the thumbnail (see ``_tiles``)."""
-        if self.anyres_grids is None:
-            return 1
-        rows, cols = select_tile_grid(image_hw, self.anyres_grids, self.tile_size)
-        return 1 if (rows, cols) == (1, 1) else rows * cols + 1
+    @staticmethod
+    def _expand(texts: list[str], token: str | None, counts: Sequence[int]) -> list[str]:
+        """Each ``token`` placeholder, in order across ``texts``, repeated its count times."""
+        if not counts:
+            return texts
+        it = iter(counts)
+        out = []
+        for t in texts:
+            parts = t.split(token)
+            out.append(parts[0] + "".join(token * next(it) + part for part in parts[1:]))
+        return out
 
     def _flatten_images(self, images, per_sample: list[int]) -> list:
         n_text = sum(per_sample)
@@ -275,4 +344,4 @@ class LaCoProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos"]

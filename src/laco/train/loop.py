@@ -655,7 +655,8 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
                 loss = _zero_loss(model)
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch.get("pixel_values"), use_cache=False)
+                            pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
+                            batch_num_images=batch.get("batch_num_images"), use_cache=False)
                 loss = token_loss_sum(out.logits, batch["labels"])
                 if batch.get("pixel_values") is None:  # text-only: the image path (maybe all that trains) unused
                     loss = loss + _zero_loss(model)
