@@ -83,9 +83,10 @@ def workdir(tmp_path_factory) -> Path:
         model.save_pretrained(root / name)
         tiny_laco_processor(model.config).save_pretrained(root / name)
     write_llava_layout(root / "siglip-1_4", root / "llava-layout")
-    model = build_model({})  # AnyRes is not served yet: must fail at load, naming it
+    # AnyRes is not served yet: must fail at load, naming it
+    model = build_model({"image_grid_pinpoints": [[64, 64], [64, 128]], "use_image_newline": True})
     model.save_pretrained(root / "anyres")
-    tiny_laco_processor(model.config, anyres_grids=[[1, 1], [1, 2]]).save_pretrained(root / "anyres")
+    tiny_laco_processor(model.config).save_pretrained(root / "anyres")
     return root
 
 

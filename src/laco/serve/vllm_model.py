@@ -58,10 +58,11 @@ class UnsupportedLaCoConfig(ValueError):
 
 def check_config(config: LaCoConfig, vllm_config: VllmConfig | None = None) -> None:
     """Raise ``UnsupportedLaCoConfig`` naming what is unsupported, before any weight is allocated."""
-    anyres = getattr(config, "anyres_grids", None) or getattr(config, "anyres", None)
+    anyres = getattr(config, "image_grid_pinpoints", None) or getattr(config, "use_image_newline", False)
     if anyres:
         raise UnsupportedLaCoConfig(
-            f"this LaCo model uses AnyRes multi-crop ({anyres!r}); the vLLM plugin serves one "
+            f"this LaCo model uses LLaVA-OneVision's AnyRes layout (image_grid_pinpoints="
+            f"{config.image_grid_pinpoints!r}, image_newline={config.use_image_newline}); the vLLM plugin serves one "
             f"{config.image_size}x{config.image_size} view per image only (AnyRes is not supported yet)"
         )
     if config.image_token != IMAGE_PLACEHOLDER:
@@ -88,9 +89,10 @@ class LaCoProcessingInfo(BaseProcessingInfo):
 
     def get_hf_processor(self, **kwargs: object) -> LaCoProcessor:
         processor = self.ctx.get_hf_processor(LaCoProcessor, **kwargs)
-        if getattr(processor, "anyres_grids", None):
+        if getattr(processor, "image_grid_pinpoints", None) or getattr(processor, "image_newline", False):
             raise UnsupportedLaCoConfig(
-                f"the saved processor uses AnyRes multi-crop (anyres_grids={processor.anyres_grids}); "
+                f"the saved processor uses AnyRes (image_grid_pinpoints={processor.image_grid_pinpoints}, "
+                f"image_newline={processor.image_newline}); "
                 f"the vLLM plugin serves one view per image only (AnyRes is not supported yet)"
             )
         if processor.num_image_tokens != self.num_image_tokens:
