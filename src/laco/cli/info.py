@@ -52,7 +52,10 @@ def info(
         enc = laco.compress_encoder(model, method, layer=parse_layers(layer), ratio=ratio, feature_layer=feature_layer)
         full = laco.compress_encoder(laco.create_vision_encoder(encoder), "none", feature_layer=feature_layer)
     tiled = image_size is not None and "x" in image_size.lower()
-    hw = anyres.parse_image_size(image_size) if image_size is not None else None
+    try:
+        hw = anyres.parse_image_size(image_size) if image_size is not None else None
+    except ValueError as err:
+        raise ValueError(f"--image-size: {err}") from None
     cost = laco.encoder_cost(enc, None if tiled else (hw[0] if hw else None))
     report = anyres_report(enc, full, hw, max_tiles, max_grid) if tiled else None
     if as_json:
