@@ -150,8 +150,12 @@ def test_num_multimodal_tokens_hook(tiny):
     model, processor = tiny
     sizes = [(40, 90), (30, 30), (200, 60)]
     assert processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens == [model.num_image_tokens] * 3
-    anyres = LaCoProcessor.from_model_config(model.config, processor.tokenizer,
-                                             anyres_grids=[[1, 1], [1, 2], [2, 1], [2, 2]])
+    import copy
+
+    config = copy.deepcopy(model.config)  # LLaVA-OneVision's AnyRes layout: base + tiles, unpadded, newlines
+    s = config.image_size
+    config.image_grid_pinpoints, config.use_image_newline = [[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]], True
+    anyres = LaCoProcessor.from_model_config(config, processor.tokenizer)
     hook = anyres._get_num_multimodal_tokens(image_sizes=sizes)
     for (h, w), n, tiles in zip(sizes, hook.num_image_tokens, hook.num_image_patches):
         batch = anyres(text="<image>", images=[_image(h, w)])
