@@ -97,8 +97,12 @@ def test_full_strategy_keeps_cls_for_clip():
     for strategy, expected in (("default", 16), ("full", 17)):
         model = tiny_laco_model(vision_config=vision, vision_feature_select_strategy=strategy)
         assert model.num_image_tokens == expected
-        _, pv = _inputs(model)
-        assert model.get_image_features(pv).shape[1] == expected
+        ids, pv = _inputs(model)
+        feats = model.get_image_features(pv)
+        assert feats.shape[1] == expected
+        # the forward path (OneVision's packing, a plain image here) hands the LLM those tokens, CLS included
+        torch.testing.assert_close(torch.stack(model.get_visual_tokens(pv)), feats)
+        assert model(input_ids=ids, pixel_values=pv).logits.shape[:2] == ids.shape
 
 
 def test_count_mismatch_is_value_error_before_llm():

@@ -178,6 +178,8 @@ def pack_image(features: torch.Tensor, layout: ImageLayout, newline: torch.Tenso
     """
     gh, gw = layout.tile_grid
     n, t, d = features.shape
+    if n == 1 and layout.tiles == (0, 0) and not layout.newline:
+        return features[0]  # a plain image: its tokens as the tower gives them, prefix tokens kept by strategy "full"
     if n != layout.num_inputs or t != gh * gw:
         raise ValueError(f"image features {tuple(features.shape)} do not match the layout: {layout.num_inputs} "
                          f"inputs of {gh}x{gw} tokens")
