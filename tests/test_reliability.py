@@ -8,6 +8,8 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +116,18 @@ def test_second_concurrent_resume_is_refused(tmp_path, toy, monkeypatch):
     out = tmp_path / "r"
     crashed_run(out, toy, monkeypatch)
     before = (out / "metrics.jsonl").read_text()
-    with OutputLock(out):  # what a first `laco train --resume` holds while it runs
+    # another process holds the lock, as a first `laco train --resume` does while it runs
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from laco.safety import OutputLock; "
+                               "OutputLock(sys.argv[1]).acquire(); print('locked', flush=True); sys.stdin.read()",
+                               str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match="another laco process is writing to this run's output_dir"):
             train(*tiny(), toy, cfg(out), resume=True)
+    finally:
+        holder.communicate("")  # the holder exits; its lock dies with it
     assert (out / "metrics.jsonl").read_text() == before
-    train(*tiny(), toy, cfg(out), resume=True)  # the lock died with its holder
+    train(*tiny(), toy, cfg(out), resume=True)
 
 
 def test_stage_that_trains_nothing_fails(tmp_path, toy):
