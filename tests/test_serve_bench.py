@@ -88,8 +88,12 @@ def test_serve_bench_writes_device_vllm_folder_with_table_and_plot(monkeypatch, 
 
     seen = {}
 
-    def fake_run(cfg):
+    def fake_run(cfg, on_method):
         seen["cfg"] = cfg
+        partial = _result()
+        del partial["methods"]["laco@1/4"]
+        on_method({**partial, "pending": ["laco@1/4"]})  # after a method: the report so far is on disk
+        seen["partial_md"] = (tmp_path / "cpu-test-2t" / "vllm" / "siglip-so400m-384_qwen2-0.5b.md").read_text()
         return _result()
 
     monkeypatch.setattr(sb, "require_vllm", lambda: None)
@@ -111,6 +115,7 @@ def test_serve_bench_writes_device_vllm_folder_with_table_and_plot(monkeypatch, 
     assert [line.split(" | ")[2] for line in body] == ["none", "laco@post", "laco@1/4"]
     assert "| 1.50x | 2.00x |" in body[2]
     assert (folder / "siglip-so400m-384_qwen2-0.5b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Partial result**: not run yet: laco@1/4" in seen["partial_md"] and "Partial" not in md
 
 
 def test_serve_bench_from_json_rewrites_the_report(tmp_path):

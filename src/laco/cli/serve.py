@@ -66,7 +66,10 @@ def serve_bench(
             "--output-lens", ",".join(map(str, cfg.output_lens)), "--concurrency",
             ",".join(map(str, cfg.concurrency)), "--requests", requests, "--dtype", cfg.dtype,
             "--max-model-len", max_model_len, "--enforce-eager" if enforce_eager else "--compile"]
-    result = bench.run_serve_bench(cfg)
-    result["command"] = "laco serve-bench " + " ".join(shlex.quote(str(a)) for a in args)
-    for kind, p in bench.write_serve_report(result, folder).items():
-        typer.echo(f"wrote {kind}: {p}")
+    command = "laco serve-bench " + " ".join(shlex.quote(str(a)) for a in args)
+
+    def write(result: dict) -> None:  # after each method too: a stopped run keeps what it measured
+        for kind, p in bench.write_serve_report({**result, "command": command}, folder).items():
+            typer.echo(f"wrote {kind}: {p}")
+
+    write(bench.run_serve_bench(cfg, on_method=write))

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from laco.io import atomic_write_text
 
@@ -244,14 +244,19 @@ def _bench_method(model_dir: Path, cfg: ServeBenchConfig, prompt_text: str, imag
         gc.collect()
 
 
-def run_serve_bench(cfg: ServeBenchConfig, workdir: str | Path | None = None, progress: bool = True) -> dict:
-    """Benchmark every method; returns the result dict (see ``write_serve_report``)."""
+def run_serve_bench(cfg: ServeBenchConfig, workdir: str | Path | None = None, progress: bool = True,
+                    on_method: Callable[[dict], None] | None = None) -> dict:
+    """Benchmark every method; returns the result dict (see ``write_serve_report``).
+
+    ``on_method`` gets the result so far after each method (``pending``: the methods not run yet), so a
+    long run keeps what it measured if it is stopped.
+    """
     from laco.model import LaCoProcessor
 
     methods: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="laco-serve-bench-") as tmp:
         root = Path(workdir or tmp)
-        for k, spec in enumerate(cfg.specs):
+        for spec in cfg.specs:
             model_dir = root / spec.name.replace("@", "_").replace("/", "-")
             tokens = write_model_dir(cfg, spec, model_dir)
             proc = LaCoProcessor.from_pretrained(model_dir)
@@ -259,16 +264,21 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: str | Path | None = None, pr
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
                 add_generation_prompt=True)
             prompt_tokens = len(proc.tokenizer(prompt_text)["input_ids"]) - 1  # the <image> token
-            size = proc.tile_size
             if progress:
                 print(f"serve-bench: {spec.name} ({tokens} tokens per image): starting the engine", flush=True)
-            cells, startup = _bench_method(model_dir, cfg, prompt_text, size, progress)
+            cells, startup = _bench_method(model_dir, cfg, prompt_text, proc.tile_size, progress)
             methods[spec.name] = {"image_tokens": tokens, "prompt_text_tokens": prompt_tokens, "cells": cells,
                                   "engine_startup_s": startup}
+            if on_method is not None and len(methods) < len(cfg.specs):
+                on_method(_result(cfg, methods))
+    return _result(cfg, methods)
+
+
+def _result(cfg: ServeBenchConfig, methods: dict[str, Any]) -> dict:
     text_tokens = next(iter(methods.values()))["prompt_text_tokens"]
-    flops = {L: flop_ratios(cfg, text_tokens, L) for L in cfg.output_lens}
-    return {"config": cfg.to_dict(), "baseline": cfg.baseline, "methods": methods,
-            "flop_ratio_encode_prefill": flops[cfg.output_lens[0]],
+    return {"config": cfg.to_dict(), "baseline": cfg.baseline, "methods": dict(methods),
+            "pending": [s.name for s in cfg.specs if s.name not in methods],
+            "flop_ratio_encode_prefill": flop_ratios(cfg, text_tokens, cfg.output_lens[0]),
             "command": None, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -315,6 +325,8 @@ def to_markdown(result: dict) -> str:
         peak = max(c.get("peak_rss_gb", 0.0) for v in result["methods"].values() for c in v["cells"])
         lines += ["", "Engines (one at a time, in the order above; start-up not in the cells): "
                   + "; ".join(engines) + f". Peak RSS of the run: {peak:.1f} GB."]
+    if result.get("pending"):
+        lines += ["", f"**Partial result**: not run yet: {', '.join(result['pending'])}."]
     if result.get("command"):
         lines += ["", f"Command: `{result['command']}`"]
     return "\n".join(lines)
