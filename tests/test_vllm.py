@@ -32,6 +32,7 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 
 from laco.model.testing import tiny_laco_model, tiny_laco_processor  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 MAX_TOKENS = 8
 #: text config with head size 64 (hidden 128, 2 heads, 1 KV head)
@@ -83,6 +84,7 @@ def workdir(tmp_path_factory) -> Path:
         model.save_pretrained(root / name)
         tiny_laco_processor(model.config).save_pretrained(root / name)
     write_llava_layout(root / "siglip-1_4", root / "llava-layout")
+    convert_tiny_llava(root / "llava-src", root / "converted")
     # AnyRes is not served yet: must fail at load, naming it
     model = build_model({"image_grid_pinpoints": [[64, 64], [64, 128]], "use_image_newline": True})
     model.save_pretrained(root / "anyres")
@@ -108,6 +110,27 @@ def write_llava_layout(src: Path, dst: Path) -> None:
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
 
 
+def convert_tiny_llava(src: Path, out: Path) -> None:
+    """A tiny HF LLaVA-1.5-style checkpoint (CLIP read at -2, CLS dropped) turned into LaCo by `laco convert`."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+    from typer.testing import CliRunner
+
+    from laco.cli import app
+    from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_text_config, tiny_tokenizer
+
+    vision = {k: v for k, v in CLIP.items() if k != "model_type"}
+    text = {k: v for k, v in tiny_text_config(**TEXT).items() if k != "model_type"}
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=Qwen2Config(**text),
+                         image_token_index=TINY_IMAGE_TOKEN_ID, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", multimodal_projector_bias=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        LlavaForConditionalGeneration(config).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    result = CliRunner().invoke(app, ["convert", str(src), str(out), "--layer", "1", "--ratio", "2"])
+    assert result.exit_code == 0, result.output
+
+
 def requests_for(root: Path, proc) -> list[dict]:
     """One batch: two images with the same question, two images in one prompt, text only, the chat form."""
     q = "what is in the picture?"
@@ -128,6 +151,9 @@ def offline(workdir):
         runs.append({"model": str(workdir / name), "max_tokens": MAX_TOKENS, "requests": requests_for(workdir, proc)})
     runs.append({**runs[0], "model": str(workdir / "llava-layout")})
     runs.append({"model": str(workdir / "anyres"), "expect_error": True})
+    converted = AutoProcessor.from_pretrained(workdir / "converted")
+    runs.append({"model": str(workdir / "converted"), "max_tokens": MAX_TOKENS,
+                 "requests": requests_for(workdir, converted)})
     job, out = workdir / "job.json", workdir / "out.json"
     job.write_text(json.dumps({"runs": runs, "engine": ENGINE}))
     env = {**ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine core in-process: one start-up less per model
@@ -136,8 +162,9 @@ def offline(workdir):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     results = json.loads(out.read_text())
     named = {name: (run["requests"], got) for name, run, got in zip(MODELS, runs, results)}
-    named["llava-layout"] = (runs[-2]["requests"], results[-2])
-    named["anyres"] = (None, results[-1])
+    named["llava-layout"] = (runs[-3]["requests"], results[-3])
+    named["anyres"] = (None, results[-2])
+    named["converted"] = (runs[-1]["requests"], results[-1])
     return named
 
 
@@ -156,6 +183,24 @@ def test_offline_greedy_equals_transformers(workdir, offline, name):
         assert res["prompt_token_ids"] == prompt_ids
         assert res["token_ids"] == ids, f"{name}: {req}"
         answers.append(ids)
+    assert answers[0] != answers[1], "the two images gave the same tokens: the test would miss an image mix-up"
+
+
+def test_converted_llava_serves_like_transformers(workdir, offline):
+    """A `laco convert` output folder (HF LLaVA -> LaCo, merge after layer 1) loads in vLLM as saved and
+    generates the tokens transformers generates from the same folder."""
+    model = AutoModelForImageTextToText.from_pretrained(workdir / "converted").eval()
+    proc = AutoProcessor.from_pretrained(workdir / "converted")
+    requests, got = offline["converted"]
+    answers = []
+    for req, res in zip(requests, got):
+        images = [Image.open(p).convert("RGB") for p in req["images"]]
+        prompt_ids, ids = hf_greedy(model, proc, req["prompt"], images)
+        assert res["prompt_token_ids"].count(model.config.image_token_id) == len(images) * model.num_image_tokens
+        assert res["prompt_token_ids"] == prompt_ids
+        assert res["token_ids"] == ids, req
+        answers.append(ids)
+    assert model.num_image_tokens == 16  # CLIP 8x8 patches pooled 2x2 after layer 1, CLS dropped ("default")
     assert answers[0] != answers[1], "the two images gave the same tokens: the test would miss an image mix-up"
 
 
