@@ -45,3 +45,13 @@ def _torch_state(request):
     torch.set_num_threads(threads)
     torch.set_rng_state(rng)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip (reason "needs a CUDA device") where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

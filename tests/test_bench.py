@@ -231,21 +231,6 @@ def test_bench_cli_dry_run_and_errors():
     assert res.exit_code != 0 and "unknown LLM preset" in str(res.exception)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_bench_tiny_cuda_bf16(tmp_path):
-    """The CUDA path (events, synchronisation, bf16, max_memory_allocated); skipped on CPU-only machines."""
-    from laco.bench.report import write_report
-    from laco.bench.runner import run_benchmark
-
-    cfg = BenchConfig(vision="tiny-siglip", llm="tiny-qwen2", methods="post,laco@1/4", device="cuda",
-                      work=Workload(text_tokens=8, new_tokens=2), warmup=1, repeats=2)
-    result = run_benchmark(cfg, progress=False, command="test").to_dict()
-    assert result["config"]["dtype"] == "bfloat16" and result["environment"]["memory_kind"] == "cuda_max_allocated"
-    assert all(r["time"]["median"] > 0 and r["memory"]["peak"] > 0 for r in result["measured"])
-    assert write_report(result, tmp_path)["json"].exists()
-
-
 def test_analyze_speedups_pair_rounds_and_targets():
     from laco.bench.report import analyze
 

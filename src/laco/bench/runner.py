@@ -141,8 +141,11 @@ def build_models(cfg: BenchConfig, *, meta: bool = False) -> dict[str, nn.Module
                 with torch.device("meta"):
                     shared = LaCoForConditionalGeneration(config)
             else:
-                shared = LaCoForConditionalGeneration(config)
-                shared.to(device=cfg.torch_device, dtype=cfg.torch_dtype)
+                # initialised on the target device (a 7B LLM's random init on the host takes minutes, on a GPU
+                # seconds), in float32 as in the parts' own init, then cast
+                with torch.device(cfg.torch_device):
+                    shared = LaCoForConditionalGeneration(config)
+                shared.to(dtype=cfg.torch_dtype)
             model = shared
         else:
             with torch.device("meta"):  # skeleton only: every module is replaced below

@@ -24,7 +24,8 @@ before any training; a bad one is reported with its id and then skipped or raise
 Records are parsed in Python first (so a bad record can be named by its id, which arrow's JSON
 reader cannot do), then stored as a ``datasets.Dataset`` with a fixed schema
 (``id: str, images: list[str], conversations: list[{from, value}]``); images are opened only when
-a sample is read.
+a sample is read. Where ``datasets`` is not installed (the lent GPU image has none), they stay a plain
+list of those dicts: indexing and ``len`` behave the same.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class LlavaDataset(Dataset):
         bad_records: Sequence[BadRecord] = (),
         image_token: str = "<image>",
     ):
-        self.records = records  # datasets.Dataset with the fixed schema
+        self.records = records  # datasets.Dataset with the fixed schema (a list of dicts without `datasets`)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.on_bad_record = on_bad_record
         self.bad_records: list[BadRecord] = list(bad_records)
@@ -282,7 +283,6 @@ def load_llava(
     if image_folder is not None and not Path(image_folder).is_dir():
         raise FileNotFoundError(f"image folder not found: {image_folder}")
 
-    from datasets import Dataset as HFDataset
     from tqdm.auto import tqdm
 
     raw = _iter_source(source)
@@ -313,8 +313,17 @@ def load_llava(
     if not good:
         raise ValueError(f"no usable records in {source if isinstance(source, (str, os.PathLike)) else 'the data'}"
                          f" ({len(bad)} rejected{': ' + str(bad[0]) if bad else ''})")
-    records = HFDataset.from_list(good, features=_features())
-    return LlavaDataset(records, image_folder, on_bad_record=on_bad_record, bad_records=bad, image_token=image_token)
+    return LlavaDataset(_as_records(good), image_folder, on_bad_record=on_bad_record, bad_records=bad,
+                        image_token=image_token)
+
+
+def _as_records(good: list[dict]):
+    """The checked records as a ``datasets.Dataset`` (fixed schema), or the list itself without ``datasets``."""
+    try:
+        from datasets import Dataset as HFDataset
+    except ImportError:
+        return good
+    return HFDataset.from_list(good, features=_features())
 
 
 TOY_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40),
