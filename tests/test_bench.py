@@ -171,7 +171,7 @@ def test_run_cases_drops_warmup_and_resets():
     calls, resets = [], []
     cases = [Case("a", "p", lambda: calls.append("a"), reset=lambda: resets.append(1)),
              Case("b", "p", lambda: calls.append("b"))]
-    res = run_cases(cases, warmup=2, repeats=3, progress=False)
+    res, rounds = run_cases(cases, warmup=2, repeats=3, progress=False)
     assert len(calls) == 10 and len(resets) == 5
     assert [len(r.times) for r in res] == [3, 3]
     d = res[0].to_dict()

@@ -6,6 +6,12 @@ compression): ``measured = median time(baseline) / median time(method)``, ``pred
 / FLOPs(method)``, and ``efficiency = measured / predicted`` (1.0: the method saves exactly the
 time its FLOPs promise). The speedup range is the lowest and highest per-round ratio: methods are
 interleaved within a round, so pairing by round cancels load that the round shares.
+
+Rounds taken under load are flagged (``round_flags``): the 1-minute load average above the run's
+``load_threshold`` at the round's start or end, a round that started above ``--max-load`` after waiting,
+or a round whose process CPU time per wall second fell below ``STARVED`` of the best round's (the process
+waited for a core; CPU runs only). ``paired`` gives the median and range of the per-round ratios over all
+rounds and over the unflagged ones, from wall time and from CPU time.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ TARGETS = {
     "efficiency": 0.90,  # measured / predicted speedup, for every part with a FLOP difference
     "compressor_share": 0.02,  # merge time / encoder time
 }
+STARVED = 0.8  # a round whose CPU seconds per wall second are under 80% of the best round's is flagged
 FB1, FB2 = "train_stage1:forward_backward", "train_stage2:forward_backward"
 EFFICIENCY_PARTS = ("encoder", "encode_prefill", "train_stage1", FB1, "train_stage2", FB2)
 SPEEDUP_PARTS = ("encoder", "prefill", "encode_prefill", "decode", "generate", "train_stage1", FB1,
@@ -73,15 +81,53 @@ def analyze(result: dict[str, Any]) -> dict[str, Any]:
             c = rec["cpu_time"]
             rows[rec["method"]][rec["part"]].update(cpu_median_s=c["median"], cpu_q1_s=c["q1"], cpu_q3_s=c["q3"],
                                                      cpu_samples=c.get("samples", []))
-    speedups = _speedups(rows, base, "")
-    speedups_cpu = _speedups(rows, base, "cpu_") if cpu_clock else {}
+    flags = round_flags(result)
+    flagged = [bool(f) for f in flags]
+    speedups = _speedups(rows, base, "", flagged)
+    speedups_cpu = _speedups(rows, base, "cpu_", flagged) if cpu_clock else {}
     shares = {m: p["compressor"]["median_s"] / p["encoder"]["median_s"]
               for m, p in rows.items() if "compressor" in p and "encoder" in p}
     return {"baseline": base, "rows": rows, "speedups": speedups, "speedups_cpu_time": speedups_cpu,
-            "compressor_share": shares, "targets": _targets(result, speedups, shares, speedups_cpu)}
+            "compressor_share": shares, "targets": _targets(result, speedups, shares, speedups_cpu),
+            "round_flags": flags}
 
 
-def _speedups(rows, base: str, clock: str) -> dict[str, dict[str, dict[str, float]]]:
+def round_flags(result: dict[str, Any]) -> list[list[str]]:
+    """Why each timed round is suspect (an empty list: clean); one entry per timed round, in order."""
+    rounds = [r for r in result.get("rounds", []) if not r["warmup"]]
+    threshold = result["config"].get("load_threshold")
+    cpu_clock = result["environment"]["device_type"] == "cpu"
+    busy = [r["cpu_s"] / r["wall_s"] if r["wall_s"] > 0 else 0.0 for r in rounds]
+    best = max(busy, default=0.0)
+    out = []
+    for r, b in zip(rounds, busy):
+        f = []
+        loads = [x[0] for x in (r["loadavg_start"], r["loadavg_end"]) if x]
+        if threshold is not None and loads and max(loads) > threshold:
+            f.append(f"load {max(loads):.1f} > {threshold:g}")
+        if r.get("over_max_load"):
+            f.append("started over --max-load")
+        if cpu_clock and best > 0 and b < STARVED * best:
+            f.append(f"CPU/wall {b:.2f} < {STARVED:.0%} of best {best:.2f}")
+        out.append(f)
+    return out
+
+
+def paired(base: list[float], other: list[float], flagged: list[bool] = ()) -> dict[str, Any]:
+    """Per-round ratios ``base[i] / other[i]``: median, range and count, over all rounds and unflagged ones."""
+    ratios = [b / o for b, o in zip(base, other) if o > 0]
+    if not ratios:
+        raise ValueError("no per-round samples to pair")
+    flagged = list(flagged) + [False] * (len(ratios) - len(flagged))  # results without round records: none flagged
+    clean = [x for x, f in zip(ratios, flagged) if not f]
+
+    def stats(xs: list[float]) -> dict[str, Any] | None:
+        return {"median": statistics.median(xs), "low": min(xs), "high": max(xs), "n": len(xs)} if xs else None
+
+    return {**stats(ratios), "per_round": ratios, "unflagged": stats(clean)}
+
+
+def _speedups(rows, base: str, clock: str, flagged: list[bool] = ()) -> dict[str, dict[str, dict[str, float]]]:
     """Speedup of every method over ``base`` per part, from wall (``clock=""``) or CPU (``"cpu_"``) times."""
     med, samples = f"{clock}median_s", f"{clock}samples"
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -95,10 +141,11 @@ def _speedups(rows, base: str, clock: str) -> dict[str, dict[str, dict[str, floa
             measured = b[med] / r[med]
             pred = b["flops"] / r["flops"]
             # range: per-round ratios -- both ran in the same round, so load shared by the round cancels
-            paired = [x / y for x, y in zip(b.get(samples, []), r.get(samples, [])) if y > 0]
+            rounds = paired(b[samples], r[samples], flagged) if b.get(samples) and r.get(samples) else None
             out.setdefault(m, {})[part] = {
                 "measured": measured, "predicted": pred, "efficiency": measured / pred,
-                "low": min(paired, default=measured), "high": max(paired, default=measured), "per_round": paired,
+                "low": rounds["low"] if rounds else measured, "high": rounds["high"] if rounds else measured,
+                "per_round": rounds["per_round"] if rounds else [], "paired": rounds,
             }
     return out
 
@@ -193,6 +240,7 @@ def to_markdown(result: dict[str, Any], analysis: dict[str, Any]) -> str:
         "",
     ]
     md += [_speedup_table(analysis["speedups"], methods), ""]
+    md += _rounds_markdown(result, analysis)
     if analysis.get("speedups_cpu_time"):
         md += [f"## Speedup against {base} by process CPU time", "",
                "The same, from the CPU seconds this process used (all threads): on a machine shared with other "
@@ -234,6 +282,48 @@ def _speedup_table(sp: dict[str, dict[str, dict[str, float]]], methods: list[str
                    for p in parts])
 
 
+def _paired_cell(p: dict[str, Any] | None) -> str:
+    return "-" if not p else f"{p['median']:.2f}x ({p['low']:.2f}-{p['high']:.2f}, n={p['n']})"
+
+
+def _rounds_markdown(result: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
+    """The machine's load per round, and every speedup as the median and range of per-round ratios."""
+    rounds = [r for r in result.get("rounds", []) if not r["warmup"]]
+    flags = analysis.get("round_flags", [])
+    md = []
+    if rounds:
+        thr = result["config"].get("load_threshold")
+        above = f"load above {thr:g}, " if thr is not None else ""
+        md += ["## Rounds: machine load", "",
+               f"Load average (1 min) at each timed round's start and end, its wall and process CPU time. Flagged: "
+               f"{above}CPU/wall under {STARVED:.0%} of the best round's, or started over --max-load.", "",
+               _table(["round", "load start -> end", "waited", "wall", "CPU", "CPU/wall", "flags"],
+                      [[str(i + 1), f"{_load1(r['loadavg_start'])} -> {_load1(r['loadavg_end'])}",
+                        f"{r.get('waited_s', 0):.0f} s", f"{r['wall_s']:.1f} s", f"{r['cpu_s']:.1f} s",
+                        f"{r['cpu_s'] / r['wall_s']:.2f}" if r["wall_s"] > 0 else "-",
+                        "; ".join(f) if (f := (flags[i] if i < len(flags) else [])) else "-"]
+                       for i, r in enumerate(rounds)]), ""]
+    sp, sp_cpu, base = analysis["speedups"], analysis.get("speedups_cpu_time", {}), analysis["baseline"]
+    body = []
+    for m in sp:
+        for part in SPEEDUP_PARTS:
+            if (s := sp[m].get(part)) and s.get("paired"):
+                c = sp_cpu.get(m, {}).get(part, {}).get("paired")
+                body.append([LABELS[part], m, _paired_cell(s["paired"]), _paired_cell(s["paired"]["unflagged"]),
+                             _paired_cell(c), _paired_cell(c["unflagged"] if c else None), f"{s['predicted']:.2f}x"])
+    if body:
+        md += [f"## Speedup against {base}: median and range of the per-round paired ratios", "",
+               "Each round times both methods back to back, so its ratio cancels the load the round shares; "
+               "CPU time is the second check (the work done, not the waiting).", "",
+               _table(["part", "method", "wall, all rounds", "wall, unflagged", "CPU time, all", "CPU time, unflagged",
+                       "FLOP-predicted"], body), ""]
+    return md
+
+
+def _load1(v) -> str:
+    return "-" if not v else f"{v[0]:.2f}"
+
+
 def _load(v) -> str:
     return "-" if not v else "/".join(f"{x:.2f}" for x in v)
 
@@ -250,7 +340,12 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
     rows, sp, base = analysis["rows"], analysis["speedups"], analysis["baseline"]
     methods = list(rows)
     parts = [p for p in LABELS if any(p in rows[m] for m in methods)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
+    rounds = [r for r in result.get("rounds", []) if not r["warmup"]]
+    fig, axes = plt.subplots(1, 3 if rounds else 2, figsize=(21 if rounds else 15, 5.5),
+                             gridspec_kw={"width_ratios": [3, 3, 2] if rounds else [1, 1]})
+    ax1, ax2 = axes[0], axes[1]
+    if rounds:
+        _plot_rounds(axes[2], rounds, analysis.get("round_flags", []), result["config"].get("load_threshold"))
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}  # one colour per method, both panels
     width = 0.8 / max(1, len(methods))
@@ -296,6 +391,29 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+
+
+def _plot_rounds(ax, rounds: list[dict[str, Any]], flags: list[list[str]], threshold: float | None) -> None:
+    """Per timed round: the 1-min load average at start and end (flagged rounds red), CPU/wall on the right axis."""
+    import numpy as np
+
+    x = np.arange(1, len(rounds) + 1)
+    start = [r["loadavg_start"][0] if r["loadavg_start"] else np.nan for r in rounds]
+    end = [r["loadavg_end"][0] if r["loadavg_end"] else np.nan for r in rounds]
+    colors = ["tab:red" if i < len(flags) and flags[i] else "tab:gray" for i in range(len(rounds))]
+    ax.bar(x - 0.2, start, 0.4, color=colors, alpha=0.6, label="load at start")
+    ax.bar(x + 0.2, end, 0.4, color=colors, label="load at end")
+    if threshold is not None:
+        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--", label=f"flag threshold {threshold:g}")
+    ax.set_xlabel("timed round (red: flagged)")
+    ax.set_ylabel("1-min load average")
+    ax.set_xticks(x)
+    ax.legend(fontsize=8, loc="upper left")
+    twin = ax.twinx()
+    twin.plot(x, [r["cpu_s"] / r["wall_s"] if r["wall_s"] > 0 else np.nan for r in rounds], "k.-")
+    twin.set_ylabel("process CPU s per wall s (black)")
+    twin.set_ylim(bottom=0)
+    ax.set_title("machine load per round")
 
 
 # -- writing ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ Parts timed per method (the keys of ``PARTS``):
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from torch import nn
 
 from laco.bench.flops import STAGES, Workload, predict
 from laco.bench.presets import MethodSpec, llm_config, parse_methods
-from laco.bench.timers import Case, Splits, Timer, environment, run_cases
+from laco.bench.timers import Case, Splits, Timer, environment, loadavg, run_cases
 from laco.model.compat import CACHE_KEY, output_cache
 from laco.train.loop import freeze_for_stage
 
@@ -62,6 +63,9 @@ class BenchConfig:
     threads: int | None = None  # CPU threads (torch.set_num_threads); None leaves torch's default
     attn_implementation: str = "sdpa"
     lr: float = 1e-8  # tiny: the weights barely move, so the numerics stay the same across repeats
+    max_load: float | None = None  # wait before each round until the 1-min load average is at most this
+    max_wait_s: float = 600.0  # ... for at most this long; then the round runs and is flagged
+    load_threshold: float | None = None  # rounds above it are flagged in the report (default 1.5 x CPUs)
     seed: int = 0
 
     def __post_init__(self):
@@ -80,6 +84,11 @@ class BenchConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name in ("max_load", "load_threshold"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.load_threshold is None:
+            self.load_threshold = self.max_load if self.max_load is not None else 1.5 * (os.cpu_count() or 1)
 
     @property
     def torch_device(self) -> torch.device:
@@ -291,6 +300,7 @@ class BenchResult:
     command: str
     predicted: dict[str, dict[str, Any]]  # method -> FLOP predictions (see laco.bench.flops.predict)
     measured: list[dict[str, Any]]  # one record per (method, part)
+    rounds: list[dict[str, Any]]  # one RoundRecord per round (load, wall, CPU time), warm-up rounds included
     models: dict[str, dict[str, Any]]  # method -> tokens, params
     profiles: dict[str, str] = field(default_factory=dict)  # method -> profiler table of the encoder
 
@@ -304,8 +314,6 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, command: str | Non
 
     ``profile``: also record a torch.profiler op table of one encoder forward per method (``result.profiles``).
     """
-    import os
-
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device, dtype = cfg.torch_device, cfg.torch_dtype
@@ -331,8 +339,9 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, command: str | Non
             "params": {g: sum(p.numel() for p in ps) for g, ps in model.parameter_groups().items()},
         }
     cases.sort(key=lambda c: PARTS.index(c.part))  # canonical part order (stable: methods keep their order)
-    results = run_cases(cases, warmup=cfg.warmup, repeats=cfg.repeats, device=device, progress=progress)
-    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results, rounds = run_cases(cases, warmup=cfg.warmup, repeats=cfg.repeats, device=device, progress=progress,
+                                max_load=cfg.max_load, max_wait_s=cfg.max_wait_s)
+    env["loadavg_end"] = loadavg()
     profiles = profile_encoder(models, cfg) if profile else {}
     return BenchResult(
         config=cfg.to_dict(),
@@ -340,6 +349,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, command: str | Non
         command=command if command is not None else " ".join(["laco", *sys.argv[1:]]),
         predicted=predicted,
         measured=[r.to_dict() for r in results],
+        rounds=[r.to_dict() for r in rounds],
         models=info,
         profiles=profiles,
     )

@@ -12,6 +12,10 @@
 * Interleaving: every round times every case once; within a part the method order rotates from
   round to round, so slow phases of a shared machine hit all methods alike. The first ``warmup``
   rounds are discarded.
+* Machine load, per round (``RoundRecord``): the load average at its start and end, its wall and
+  process CPU time. With ``max_load``, a round first waits (up to ``max_wait_s``) until the 1-minute
+  load average is at most ``max_load``; a round that still starts above it is marked ``over_max_load``.
+  ``laco.bench.report`` flags loaded rounds and reports every speedup over all and over unflagged rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -154,6 +158,40 @@ class CaseResult:
         return out
 
 
+@dataclass
+class RoundRecord:
+    """One round of ``run_cases``: what the machine was doing while it ran."""
+
+    index: int
+    warmup: bool
+    loadavg_start: list[float] | None  # 1/5/15-minute load averages (None where the OS has none)
+    loadavg_end: list[float] | None
+    wall_s: float  # the whole round, untimed work (gc, resets) included
+    cpu_s: float  # process CPU seconds (all threads) over the round
+    waited_s: float = 0.0  # time spent waiting for the load to drop under max_load
+    over_max_load: bool = False  # started above max_load after waiting max_wait_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def wait_for_load(max_load: float | None, max_wait_s: float, poll_s: float = 5.0) -> tuple[float, bool]:
+    """Wait until the 1-minute load average is <= ``max_load`` (at most ``max_wait_s``): (waited s, still over)."""
+    if max_load is None:
+        return 0.0, False
+    waited = 0.0
+    while (load := loadavg()) is not None and load[0] > max_load:
+        if waited >= max_wait_s:
+            return waited, True
+        time.sleep(poll_s)
+        waited += poll_s
+    return waited, False
+
+
 def interleaved_order(cases: list[Case], round_index: int) -> list[Case]:
     """Cases grouped by part (first-seen order); within each part the method order rotates with the round."""
     parts: dict[str, list[Case]] = {}
@@ -167,8 +205,13 @@ def interleaved_order(cases: list[Case], round_index: int) -> list[Case]:
 
 
 def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 3, device: torch.device | str = "cpu",
-              memory: bool = True, progress: bool = True) -> list[CaseResult]:
-    """Time every case ``warmup + repeats`` times, interleaved; keep the last ``repeats`` rounds."""
+              memory: bool = True, progress: bool = True, max_load: float | None = None,
+              max_wait_s: float = 600.0) -> tuple[list[CaseResult], list[RoundRecord]]:
+    """Time every case ``warmup + repeats`` times, interleaved; keep the last ``repeats`` rounds.
+
+    Returns the per-case results (sample ``i`` of every case comes from timed round ``i``) and a
+    ``RoundRecord`` per round, warm-up rounds included.
+    """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     keys = [(c.method, c.part) for c in cases]
@@ -176,12 +219,15 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 3, device: t
         raise ValueError("two cases share a (method, part) name")
     timer, mem = Timer(device), PeakMemory(device)
     results = {k: CaseResult(*k) for k in keys}
+    records: list[RoundRecord] = []
     rounds = warmup + repeats
     bar = _progress(rounds * len(cases), enabled=progress)
     gc.collect()
     gc.freeze()  # the models' objects move to a permanent generation: the per-case collect stays cheap
     try:
         for r in range(rounds):
+            waited, over = wait_for_load(max_load, max_wait_s)
+            load0, w0, c0_round = loadavg(), time.perf_counter(), time.process_time()
             for case in interleaved_order(cases, r):
                 bar.set_description(f"round {r + 1}/{rounds}{' (warm-up)' if r < warmup else ''} "
                                     f"{case.part}: {case.method}")
@@ -204,10 +250,12 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 3, device: t
                     if used is not None:
                         res.memory.append(used)
                 bar.update(1)
+            records.append(RoundRecord(r, r < warmup, load0, loadavg(), time.perf_counter() - w0,
+                                       time.process_time() - c0_round, waited, over))
     finally:
         gc.unfreeze()
         bar.close()
-    return list(results.values())
+    return list(results.values()), records
 
 
 def _progress(total: int, enabled: bool):
@@ -231,7 +279,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "loadavg_start": loadavg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {"laco": laco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},

@@ -29,6 +29,13 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: torch's)"),
+    max_load: Optional[float] = typer.Option(None, "--max-load",
+                                             help="before each round wait until the 1-min load average is at most "
+                                                  "this (rounds that still start above it are flagged)"),
+    max_wait: float = typer.Option(600.0, "--max-wait", min=0, help="seconds to wait per round for --max-load"),
+    load_threshold: Optional[float] = typer.Option(None, "--load-threshold",
+                                                   help="flag rounds whose load average exceeds this "
+                                                        "(default: --max-load, else 1.5 x CPUs)"),
     out: str = typer.Option("benchmarks/results", "--out", "-o", help="results root; a per-device folder is added"),
     profile: bool = typer.Option(False, "--profile", help="also write torch.profiler op tables of the encoder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the FLOP model's predictions only; time nothing"),
@@ -69,6 +76,7 @@ def bench(
         vision=vision, llm=llm, methods=methods, baseline=baseline, ratio=ratio,
         work=Workload(batch_size, images_per_sample, text_tokens, new_tokens), parts=chosen,
         warmup=warmup, repeats=repeats, device=device, dtype=dtype, threads=threads,
+        max_load=max_load, max_wait_s=max_wait, load_threshold=load_threshold,
     )
     console = Console()
     if dry_run:
@@ -91,7 +99,9 @@ def bench(
             "--baseline", cfg.baseline, "--ratio", ratio, "--batch-size", batch_size,
             "--images-per-sample", images_per_sample, "--text-tokens", text_tokens, "--new-tokens", new_tokens,
             "--parts", ",".join(chosen), "--warmup", warmup, "--repeats", repeats, "--device", device,
-            "--dtype", dtype, *(["--threads", threads] if threads else []), *(["--profile"] if profile else [])]
+            "--dtype", dtype, *(["--threads", threads] if threads else []), *(["--profile"] if profile else []),
+            *(["--max-load", max_load, "--max-wait", max_wait] if max_load is not None else []),
+            "--load-threshold", cfg.load_threshold]
     command = "laco bench " + " ".join(shlex.quote(str(a)) for a in args)
     result = run_benchmark(cfg, command=command, profile=profile).to_dict()
     folder = f"{out.rstrip('/')}/{device_slug(cfg.torch_device)}"
