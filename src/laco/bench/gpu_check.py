@@ -295,7 +295,7 @@ def train_details(run_dir: Path) -> dict[str, Any]:
 
 
 def bench_headlines(work: Path) -> list[dict[str, Any]]:
-    """Per bench result: laco@1/4 against laco@post, measured (range over rounds) vs predicted, key parts."""
+    """Per bench result: laco@1/4 against laco@post, the median (range) of per-round ratios vs predicted."""
     out = []
     for path in sorted((work / "bench").rglob("*.json")):
         data = json.loads(path.read_text())
@@ -303,7 +303,8 @@ def bench_headlines(work: Path) -> list[dict[str, Any]]:
         cfg = data["config"]
         out.append({"result": path.relative_to(work).as_posix(), "llm": cfg["llm"],
                     "batch": cfg["work"]["batch_size"], "dtype": cfg["dtype"],
-                    "speedups": {p: {k: sp[p][k] for k in ("measured", "low", "high", "predicted")}
+                    "speedups": {p: {"measured": sp[p]["paired"]["median"], "low": sp[p]["low"], "high": sp[p]["high"],
+                                     "predicted": sp[p]["predicted"]}
                                  for p in ("encode_prefill", "generate", "train_stage1", "train_stage2") if p in sp}})
     return out
 
@@ -393,7 +394,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             detail += "; skipped: " + "; ".join(d["skip_reasons"])
         lines.append(f"| {s['name']} | {s['status']} | {s['wall_s']:.1f} s | {detail or '-'} |")
     if summary["bench"]:
-        lines += ["", "## laco@1/4 vs laco@post: measured (range over rounds) / FLOP-predicted", "",
+        lines += ["", "## laco@1/4 vs laco@post: median of per-round ratios (range) / FLOP-predicted", "",
                   "| LLM | batch | encode + prefill | generate | train stage 1 | train stage 2 |", "|---|---|---|---|---|---|"]
         for b in summary["bench"]:
             cells = [(f"{s['measured']:.2f}x ({s['low']:.2f}-{s['high']:.2f}) / {s['predicted']:.2f}x"
