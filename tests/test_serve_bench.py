@@ -38,8 +38,9 @@ def test_speedups_are_per_cell_against_the_baseline(tmp_path):
     assert rows[("laco@1/4", 1)]["speedup_requests"] == pytest.approx(1.5)
     assert rows[("laco@1/4", 8)]["speedup_requests"] == pytest.approx(1.25)  # the gain shrinks with output length
     assert rows[("none", 1)]["flop_speedup_encode_prefill"] == pytest.approx(1 / 3)
+    assert rows[("laco@1/4", 8)]["speedup_cpu"] == pytest.approx(1.25)  # CPU s/req 2/0.8 against 2/1.0
     md = to_markdown(_result(flops=False))
-    assert "| 1 | 1 | laco@1/4 | 196 | 3.000 | 3.00 | 0.10 s | 0.20 s | 1.50x | – | 0.7 | 1.0->1.5 |" in md
+    assert "| 1 | 1 | laco@1/4 | 196 | 3.000 | 3.00 | 0.10 s | 0.20 s | 1.50x | – | 0.7 | 1.50x | 1.0->1.5 |" in md
     assert "Peak RSS of the run: 4.2 GB" in md
     paths = write_serve_report(_result(), tmp_path, plot_png=True)
     assert json.loads(paths["json"].read_text())["speedups"][0]["method"] == "none"

@@ -284,15 +284,17 @@ def _result(cfg: ServeBenchConfig, methods: dict[str, Any]) -> dict:
 
 # -- report -------------------------------------------------------------------------------------------
 def speedups(result: dict) -> list[dict[str, Any]]:
-    """Per method and cell: requests/s relative to the baseline's in the same cell."""
+    """Per method and cell: requests/s (and, where recorded, CPU s/request) relative to the baseline's in the
+    same cell."""
     base = {(c["output_len"], c["concurrency"]): c for c in result["methods"][result["baseline"]]["cells"]}
     rows = []
     for name, m in result["methods"].items():
         for c in m["cells"]:
             b = base[(c["output_len"], c["concurrency"])]
             flops = result["flop_ratio_encode_prefill"]
+            cpu = b["cpu_s_per_request"] / c["cpu_s_per_request"] if "cpu_s_per_request" in c else None
             rows.append({"method": name, **c, "speedup_requests": c["requests_per_s"] / b["requests_per_s"],
-                         "flop_speedup_encode_prefill": 1 / flops[name] if flops else None})
+                         "speedup_cpu": cpu, "flop_speedup_encode_prefill": 1 / flops[name] if flops else None})
     return rows
 
 
@@ -306,10 +308,10 @@ def to_markdown(result: dict) -> str:
     lines = [f"# vLLM serving: {cfg['vision']} + {cfg['llm']} ({cfg['dtype']}, {cfg['requests']} requests per cell)",
              "", f"Baseline `{result['baseline']}`. Speedup = requests/s over the baseline's in the same cell; "
              "FLOP = the FLOP model's encode+prefill speedup. CPU s/req = CPU seconds of the in-process engine "
-             "per request (less sensitive to other load than wall time). Load = 1-min load average before -> after "
+             "per request (less sensitive to other load than wall time); CPU speedup = the baseline's / this. Load = 1-min load average before -> after "
              "the cell.", "",
              "| output len | concurrency | method | tokens/image | req/s | output tok/s | TTFT median | TTFT p90 "
-             "| speedup | FLOP | CPU s/req | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup | FLOP | CPU s/req | CPU speedup | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: k for k, m in enumerate(result["methods"])}
     rows = sorted(speedups(result), key=lambda r: (r["output_len"], r["concurrency"], order[r["method"]]))
     for r in rows:
@@ -318,7 +320,8 @@ def to_markdown(result: dict) -> str:
         load = f"{r['loadavg_before']:.1f}->{r['loadavg_after']:.1f}" if "loadavg_before" in r else "–"
         lines.append(f"| {r['output_len']} | {r['concurrency']} | {r['method']} | {tokens} | {r['requests_per_s']:.3f} "
                      f"| {r['output_tokens_per_s']:.2f} | {r['ttft_median_s']:.2f} s | {r['ttft_p90_s']:.2f} s "
-                     f"| {r['speedup_requests']:.2f}x | {_x(r['flop_speedup_encode_prefill'])} | {cpu} | {load} |")
+                     f"| {r['speedup_requests']:.2f}x | {_x(r['flop_speedup_encode_prefill'])} | {cpu} "
+                     f"| {_x(r['speedup_cpu'])} | {load} |")
     engines = [f"{m}: start-up {v['engine_startup_s']:.0f} s" for m, v in result["methods"].items()
                if "engine_startup_s" in v]
     if engines:
@@ -333,24 +336,30 @@ def to_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Requests/s (top) and, where recorded, CPU seconds per request (bottom) against output length:
+    one line per method, one column per concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     concs = result["config"]["concurrency"]
-    fig, axes = plt.subplots(1, len(concs), figsize=(5 * len(concs), 4), squeeze=False)
-    for ax, conc in zip(axes[0], concs):
-        for name, m in result["methods"].items():
-            cells = sorted((c for c in m["cells"] if c["concurrency"] == conc), key=lambda c: c["output_len"])
-            ax.plot([c["output_len"] for c in cells], [c["requests_per_s"] for c in cells], marker="o",
-                    label=f"{name} ({m['image_tokens']} tok/img)")
-        ax.set_xscale("log")
-        ax.set_xlabel("output tokens per request")
-        ax.set_ylabel("requests / s")
-        ax.set_title(f"concurrency {conc}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    metrics = [("requests_per_s", "requests / s")]
+    if all("cpu_s_per_request" in c for m in result["methods"].values() for c in m["cells"]):
+        metrics.append(("cpu_s_per_request", "engine CPU s / request"))
+    fig, axes = plt.subplots(len(metrics), len(concs), figsize=(5 * len(concs), 3.6 * len(metrics)), squeeze=False)
+    for row, (key, label) in enumerate(metrics):
+        for ax, conc in zip(axes[row], concs):
+            for name, m in result["methods"].items():
+                cells = sorted((c for c in m["cells"] if c["concurrency"] == conc), key=lambda c: c["output_len"])
+                ax.plot([c["output_len"] for c in cells], [c[key] for c in cells], marker="o",
+                        label=f"{name} ({m['image_tokens']} tok/img)")
+            ax.set_xscale("log")
+            ax.set_xlabel("output tokens per request")
+            ax.set_ylabel(label)
+            ax.set_title(f"concurrency {conc}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(f"vLLM: {result['config']['vision']} + {result['config']['llm']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
