@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from laco._version import __version__
 
 #: public name -> the submodule that defines it
 _LAZY = {

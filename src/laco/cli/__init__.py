@@ -36,7 +36,7 @@ def _root(
 
 
 # one module per command group; each registers its commands on `app` when imported
-_COMMAND_MODULES = ["info", "probe", "bench", "gpu_check", "generate", "convert", "eval", "compare", "train", "serve"]
+_COMMAND_MODULES = ["info", "probe", "bench", "gpu_check", "generate", "convert", "export", "eval", "compare", "train", "serve"]
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"laco.cli.{_name}")
 

@@ -58,11 +58,15 @@ inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tok
 print(processor.decode(model.generate(**inputs, max_new_tokens=64)[0, inputs["input_ids"].shape[1]:]))
 ```
 
+Without laco installed: if this folder holds `modeling_laco.py` (written by `laco export` or
+`save_pretrained(..., remote_code=True)`), drop the first import and pass `trust_remote_code=True` to both
+`from_pretrained` calls.
+
 Or from the command line: `laco generate PATH --image x.png --prompt "What is in the image?"`.
 """
 
 
 def _laco_version() -> str:
-    from laco import __version__
+    from laco._version import __version__
 
     return __version__

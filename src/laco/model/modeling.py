@@ -336,14 +336,22 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
                 inputs.pop(key, None)
         return inputs
 
-    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
-        """``PreTrainedModel.save_pretrained`` plus a model card (README.md: parts, compression, tokens, FLOPs)."""
+    def save_pretrained(self, save_directory, *args: Any, remote_code: bool = False, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` plus a model card (README.md: parts, compression, tokens, FLOPs).
+
+        ``remote_code=True``: also the model's code and ``auto_map`` (``laco.model.remote``), so that
+        ``AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)`` works without laco.
+        """
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from laco.io import atomic_write_text
             from laco.model.card import model_card
 
             atomic_write_text(Path(save_directory) / "README.md", model_card(self))
+            if remote_code:
+                from laco.model.remote import add_remote_code
+
+                add_remote_code(save_directory)
 
     # -- building from parts --------------------------------------------------------------------
     @classmethod

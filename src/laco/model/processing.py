@@ -187,6 +187,15 @@ class LaCoProcessor(ProcessorMixin):
                    video_token=config.video_token if config.video_token_id is not None else None,
                    video_pooling=config.video_pooling)
 
+    def save_pretrained(self, save_directory, *args: Any, remote_code: bool = False, **kwargs: Any):
+        """``ProcessorMixin.save_pretrained``; ``remote_code=True`` adds the code and ``auto_map`` (see the model's)."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if remote_code:
+            from laco.model.remote import add_remote_code
+
+            add_remote_code(save_directory)
+        return out
+
     @property
     def tile_size(self) -> int:
         """Side of the square the image processor outputs (its crop when it centre-crops)."""
