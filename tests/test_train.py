@@ -321,7 +321,7 @@ def test_data_errors_come_before_training(tmp_path, toy):
 
 
 def test_build_from_each_model_source(tmp_path):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, SiglipImageProcessorPil
 
     from laco.model.testing import save_tiny_mllm, tiny_text_config, tiny_tokenizer, tiny_vision_config
     from laco.train import ModelSource
@@ -334,6 +334,8 @@ def test_build_from_each_model_source(tmp_path):
     assert type(model).__name__ == "LaCoForConditionalGeneration" and processor.num_image_tokens == 16
     # pretrained parts on disk: a vision encoder folder and an LLM folder with its tokenizer
     AutoModel.from_config(AutoConfig.for_model(**tiny_vision_config())).save_pretrained(tmp_path / "vision")
+    own = dict(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])  # not the SigLIP family's 0.5 / 0.5
+    SiglipImageProcessorPil(size={"height": 224, "width": 224}, **own).save_pretrained(tmp_path / "vision")
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_text_config())).save_pretrained(tmp_path / "llm")
     tiny_tokenizer().save_pretrained(tmp_path / "llm")
     source = ModelSource(vision=str(tmp_path / "vision"), llm=str(tmp_path / "llm"),
@@ -341,6 +343,8 @@ def test_build_from_each_model_source(tmp_path):
     model, processor = build_from_source(source)
     assert processor.num_image_tokens == model.num_image_tokens == 16
     assert model.vision_tower.merge_layers == [4]  # "post": after the last of 4 layers
+    ip = processor.image_processor  # the encoder's own statistics, its size set to the model's 64 px
+    assert (list(ip.image_mean), list(ip.image_std), ip.size["height"]) == (own["image_mean"], own["image_std"], 64)
     with pytest.raises(FileNotFoundError, match="holds no config.json"):
         build_from_source(ModelSource(pretrained=str(tmp_path)))
     with pytest.raises(ValueError, match="no 'model' section"):

@@ -371,6 +371,8 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
 
         The image token: ``image_token_id``, or taken from ``tokenizer`` (``image_token`` is added to it
         as a special token if missing, and the LLM's embeddings grow if the id is past its vocabulary).
+        The matching processor, with the encoder's own image processor (size set to the model's):
+        ``LaCoProcessor.from_model_config(model.config, tokenizer, image_processor=vision_dir)``.
         """
         for name, path in (("vision_dir", vision_dir), ("llm_dir", llm_dir)):
             if not Path(path).is_dir():

@@ -3,7 +3,9 @@
 * ``pretrained: DIR``: a saved LaCo model with its processor (``AutoModelForImageTextToText`` /
   ``AutoProcessor`` after ``import laco``), e.g. the output of an earlier stage or ``laco convert``.
 * ``vision: DIR, llm: DIR`` (+ ``compression``, ``projector_type``): pretrained parts on disk; the
-  tokenizer is the LLM's (a ChatML template is set if it has none), compressors and projector are new.
+  tokenizer is the LLM's (a ChatML template is set if it has none), the image processor the encoder's
+  (its ``preprocessor_config.json``, size set to the model's; without one, the family's statistics),
+  compressors and projector are new.
 * ``tiny: {...}``: the tiny test model (``laco.model.testing``), for demos and tests.
 
 New weights are initialised after ``set_seed(seed)``, so the same config builds the same model.
@@ -53,4 +55,6 @@ def build_from_source(source: ModelSource | None, seed: int = 0):
     kwargs = {} if source.projector_type is None else {"projector_type": source.projector_type}
     model = LaCoForConditionalGeneration.from_parts(source.vision, source.llm, compression=source.compression,
                                                     tokenizer=tokenizer, **kwargs)
-    return model, LaCoProcessor.from_model_config(model.config, tokenizer)
+    # the encoder's own image processor (statistics, resize / crop) where its folder has one; else the family's
+    vision_processor = source.vision if (Path(source.vision) / "preprocessor_config.json").is_file() else None
+    return model, LaCoProcessor.from_model_config(model.config, tokenizer, image_processor=vision_processor)
