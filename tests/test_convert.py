@@ -34,6 +34,8 @@ from laco.model.convert import (
 )
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_tokenizer
 
+pytestmark = pytest.mark.compat  # also runs in the oldest-transformers CI venv (passes on 5.17)
+
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64,
               patch_size=8)
