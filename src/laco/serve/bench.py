@@ -15,7 +15,7 @@ per request, load average before and after, and the FLOP model's encode+prefill 
 baseline (``laco@post`` when present).
 
 Engine start-up is not in the cells. Methods run one after another (one engine in memory at a time: at
-the preset shapes in float32 one takes about 5 GB), so on a shared machine read the per-cell load average.
+the preset shapes in float32 one takes 6.4-7.7 GB), so on a shared machine read the per-cell load average.
 """
 
 from __future__ import annotations
