@@ -257,7 +257,7 @@ def test_analyze_speedups_pair_rounds_and_targets():
     assert enc["per_round"] == pytest.approx([2.0, 2.0, 2.5]) and (enc["low"], enc["high"]) == (2.0, 2.5)
     assert a["compressor_share"]["laco@1"] == pytest.approx(0.1 / 1.5)
     met = {t["target"]: t["met"] for t in a["targets"]}
-    assert met["encode + prefill speedup >= 1.20x"] is True  # 6/5
+    assert met["encode + prefill speedup >= 1.58x"] is False  # 6/5
     assert met["encode + prefill: measured/predicted >= 0.90"] is False  # 1.2 / 1.5 = 0.8
     assert met["merge time <= 2% of encoder time"] is False
 

@@ -26,9 +26,10 @@ from typing import Any
 
 from laco.io import atomic_write_text
 
-#: issue #5's targets for an inside merge (e.g. laco@1/4) against external compression (laco@post)
+#: targets for an inside merge (e.g. laco@1/4) against external compression (laco@post): issue #18's, at
+#: 0.90 of the FLOP model's prediction for SigLIP-so400m-384 + Qwen2-0.5B (issue #5 had 1.25 / 1.25 / 1.20)
 TARGETS = {
-    "train_stage1": 1.25, "train_stage2": 1.25, "encode_prefill": 1.20,  # minimum measured speedups
+    "train_stage1": 1.12, "train_stage2": 1.50, "encode_prefill": 1.58,  # minimum measured speedups
     "efficiency": 0.90,  # measured / predicted speedup, for every part with a FLOP difference
     "compressor_share": 0.02,  # merge time / encoder time
 }
@@ -150,6 +151,10 @@ def _speedups(rows, base: str, clock: str, flagged: list[bool] = ()) -> dict[str
     return out
 
 
+def _paired_median(s: dict[str, Any]) -> float:
+    return s["paired"]["median"] if s.get("paired") else s["measured"]
+
+
 def _is_inside(method: str, result: dict[str, Any]) -> bool:
     info = result["models"].get(method, {})
     layers = info.get("merge_layers", [])
@@ -167,8 +172,8 @@ def _targets(result, speedups, shares, speedups_cpu) -> list[dict[str, Any]]:
             continue
         cpu = speedups_cpu.get(m, {})
         for part in ("train_stage1", "train_stage2", "encode_prefill"):
-            if part in sp:
-                v, c = sp[part]["measured"], cpu.get(part, {}).get("measured")
+            if part in sp:  # the median of per-round paired ratios (the ratio of medians for old results)
+                v, c = _paired_median(sp[part]), _paired_median(cpu[part]) if part in cpu else None
                 out.append({"method": m, "target": f"{LABELS[part]} speedup >= {TARGETS[part]:.2f}x",
                             "value": v, "met": v >= TARGETS[part], "value_cpu_time": c})
         for part, s in sp.items():
@@ -265,7 +270,7 @@ def to_markdown(result: dict[str, Any], analysis: dict[str, Any]) -> str:
                         f"{rows[m]['encoder']['median_s'] * 1e3:.1f} ms", f"{s:.2%}"]
                        for m, s in analysis["compressor_share"].items()]), ""]
     if analysis["targets"]:
-        md += ["## Targets (issue #5)", "",
+        md += ["## Targets (issue #18)", "",
                _table(["method", "target", "value (wall)", "met", "value (CPU time)"],
                        [[t["method"], t["target"], f"{t['value']:.3g}", "yes" if t["met"] else "**no**",
                          "-" if t.get("value_cpu_time") is None else f"{t['value_cpu_time']:.3g}"]
