@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import laco
 from laco.bench.flops import Part, Workload, encoder_parts, training_flops
-from laco.bench.presets import llm_config, parse_method, parse_methods
+from laco.bench.presets import llm_config
 from laco.bench.runner import BenchConfig, predict_all
 from laco.bench.timers import Case, interleaved_order, run_cases, summarize
 from laco.cli import app
@@ -124,20 +124,6 @@ def test_llm_presets_have_published_shapes():
     assert llm_config("qwen2-0.5b") is not llm_config("qwen2-0.5b")
     with pytest.raises(ValueError, match="unknown LLM preset 'gpt5'"):
         llm_config("gpt5")
-
-
-def test_parse_methods():
-    specs = parse_methods("none, post, laco@1/4, pixel_shuffle@7, laco@1/4+1/2")
-    assert [s.name for s in specs] == ["none", "laco@post", "laco@1/4", "pixel_shuffle@7", "laco@1/4+1/2"]
-    assert specs[0].compression == {"method": "none"}
-    assert specs[3].compression == {"method": "pixel_shuffle", "layer": 7}
-    assert specs[4].layer == ["1/4", "1/2"]
-    with pytest.raises(ValueError, match="unknown compressor 'foo'"):
-        parse_method("foo@1/4")
-    with pytest.raises(ValueError, match="expected 'none', 'post'"):
-        parse_method("laco")
-    with pytest.raises(ValueError, match="listed twice: laco@post"):
-        parse_methods("post,laco@post")
 
 
 def test_bench_config_errors():

@@ -66,6 +66,7 @@ def test_readout_pools_quadrants():
 
 
 # -- laco compare -------------------------------------------------------------------------------------
+from laco.compressors.spec import parse_method  # noqa: E402
 from laco.experiments import compare as C  # noqa: E402
 
 
@@ -84,7 +85,7 @@ def test_smoke_preset_end_to_end(smoke_results):
     assert saved["preset"] == "smoke" and saved["data_source"] in ("fashion_mnist", "generated")
     rows = {(r["scenario"], r["method"]): r for r in saved["table"]}
     # every method produced a number in every scenario, with its costs
-    assert set(rows) == {(s, m) for s in C.SCENARIOS for m in C.METHODS}
+    assert set(rows) == {(s, m) for s in C.SCENARIOS for m in C.DEFAULT_METHODS}
     assert rows[("readout", "laco@1/4")]["before_mean"] == rows[("readout", "avg_pool@1/4")]["before_mean"]
     for (scenario, method), r in rows.items():
         assert 0.0 <= r["acc_mean"] <= 100.0, (scenario, method)
@@ -95,7 +96,7 @@ def test_smoke_preset_end_to_end(smoke_results):
         if scenario == "retrofit":
             assert r["before_mean"] is not None
     # in-encoder merges save encoder FLOPs, external ones cost a little more than none
-    assert rows[("train", "laco@1/4")]["encoder_flop_ratio"] < 1.0 <= rows[("train", "ext_laco")]["encoder_flop_ratio"]
+    assert rows[("train", "laco@1/4")]["encoder_flop_ratio"] < 1.0 <= rows[("train", "laco@post")]["encoder_flop_ratio"]
     # retrofit trains only the compressor: parameter-free compressors have nothing to train
     assert rows[("retrofit", "avg_pool@1/4")]["trainable_params"] == 0
     assert rows[("retrofit", "laco@1/4")]["trainable_params"] < rows[("train", "laco@1/4")]["trainable_params"]
@@ -123,7 +124,7 @@ def test_inserted_laco_starts_as_avg_pool(smoke_ctx):
     """Right after insertion (zero-initialised projection) LaCo's MLLM logits equal average pooling's, tensor
     for tensor (the retrofit scenario's 'before' rows rely on it); a non-zero projection makes them differ."""
     ctx, preset = smoke_ctx
-    laco_m, avg = (C.build_model(C.METHODS[n], preset, ctx.encoder, ctx.llm, ctx.tok, seed=0).eval()
+    laco_m, avg = (C.build_model(parse_method(n), preset, ctx.encoder, ctx.llm, ctx.tok, seed=0).eval()
                    for n in ("laco@1/4", "avg_pool@1/4"))
     avg.projector.load_state_dict(laco_m.projector.state_dict())  # retrofit: both load the same base projector
     ids, mask, labels, images = _batch(ctx, laco_m)
@@ -140,8 +141,8 @@ def test_inserted_laco_starts_as_avg_pool(smoke_ctx):
 def test_cached_features_give_the_models_loss(smoke_ctx):
     """Training from cached encoder states == the model's own forward from pixels (same loss, same logits)."""
     ctx, preset = smoke_ctx
-    for name in ("laco@1/4", "ext_laco", "none", "tome@1/4", "laco@1/12"):
-        model = C.build_model(C.METHODS[name], preset, ctx.encoder, ctx.llm, ctx.tok, seed=0).eval()
+    for name in ("laco@1/4", "laco@post", "none", "tome@1/4", "laco@1/12"):
+        model = C.build_model(parse_method(name), preset, ctx.encoder, ctx.llm, ctx.tok, seed=0).eval()
         # make the compressor non-trivial (LaCo starts as avg pooling)
         with torch.no_grad():
             for p in model.vision_tower.compressors.parameters():
@@ -179,8 +180,10 @@ def test_presets_and_overrides(tmp_path):
     assert (p.stage1_steps, p.llm.hidden_size, p.methods, p.seeds) == (7, 64, ["none", "laco@1/4"], [3])
     with pytest.raises(ValueError, match="unknown config key 'llm.width'"):
         C._merge(p, {"llm": {"width": 3}})
-    with pytest.raises(ValueError, match="unknown method"):
-        C.load_preset("quick", methods=["laco@1/3"])
+    with pytest.raises(ValueError, match="unknown compressor 'foo'"):
+        C.load_preset("quick", methods=["foo@1/4"])
+    # any method of the grammar; deprecated spellings of committed results become canonical names
+    assert C.load_preset("quick", methods="laco@1/3,ext_laco").methods == ["laco@1/3", "laco@post"]
     with pytest.raises(ValueError, match="unknown preset"):
         C.load_preset("huge")
     with pytest.raises(FileNotFoundError):
@@ -193,7 +196,7 @@ def test_cli_reports_bad_methods_in_one_line():
 
     r = subprocess.run([sys.executable, "-c", "from laco.cli import main; main()", "compare", "--methods", "nope"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "method 'nope': expected 'none' or '<compressor>@<layer>'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_merge_parts_run_per_seed(smoke_results, tmp_path):
@@ -216,7 +219,7 @@ def test_merge_parts_run_per_seed(smoke_results, tmp_path):
     from laco.experiments.report import markdown
 
     assert "Merged from 2 runs" in markdown(merged) and "Paired differences" in markdown(merged)
-    pair = next(c for c in merged["contrasts"] if (c["scenario"], c["a"], c["b"]) == ("train", "laco@1/4", "ext_laco"))
+    pair = next(c for c in merged["contrasts"] if (c["scenario"], c["a"], c["b"]) == ("train", "laco@1/4", "laco@post"))
     assert pair["seeds"] == [0, 7]
 
     with pytest.raises(ValueError, match="repeats .* seed 0, already in another part"):
@@ -324,6 +327,10 @@ def test_contrasts_pair_seeds():
     c = got[("train", "laco@1/4", "ext_laco")]
     assert c["seeds"] == [0, 2] and c["diffs"] == [-10.0, -11.0] and c["verdict"] == "ext_laco higher on every seed"
     assert set(got) == {("train", "laco@1/4", "pixel_shuffle@1/4"), ("train", "laco@1/4", "ext_laco")}
+    # results before #15 spell laco@post "ext_laco" (as above); canonical names pair the same way
+    canon = [{**r, "method": "laco@post"} if r["method"] == "ext_laco" else r for r in runs]
+    c = {(c["scenario"], c["a"], c["b"]): c for c in C.contrasts(canon)}[("train", "laco@1/4", "laco@post")]
+    assert c["diffs"] == [-10.0, -11.0] and c["verdict"] == "laco@post higher on every seed"
 
 
 def test_learning_curve_ends_at_the_final_accuracy(tmp_path):

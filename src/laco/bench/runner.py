@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from laco.bench.flops import STAGES, Workload, predict
-from laco.bench.presets import MethodSpec, llm_config, parse_methods
+from laco.bench.presets import llm_config
 from laco.bench.timers import Case, Splits, Timer, environment, loadavg, run_cases
+from laco.compressors.spec import MethodSpec, parse_methods
 from laco.model.compat import CACHE_KEY, output_cache
 from laco.train.loop import freeze_for_stage
 
@@ -49,7 +50,7 @@ class BenchConfig:
 
     vision: str = "siglip-so400m-384"
     llm: str = "qwen2-0.5b"
-    methods: str = "none,post,laco@1/4,laco@1/2"
+    methods: str = "none,laco@post,laco@1/4,laco@1/2"
     baseline: str | None = None  # speedups are relative to it; default "laco@post" if benchmarked, else the first
     ratio: int = 2
     compressor_kwargs: dict[str, Any] = field(default_factory=dict)

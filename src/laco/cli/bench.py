@@ -13,8 +13,8 @@ from laco.cli import app
 def bench(
     vision: str = typer.Option("siglip-so400m-384", "--vision", help="vision preset (laco info --list)"),
     llm: str = typer.Option("qwen2-0.5b", "--llm", help="LLM preset: qwen2-0.5b, qwen2-1.5b, qwen2-7b, tiny-qwen2"),
-    methods: str = typer.Option("none,post,laco@1/4,laco@1/2", "--methods", "-m",
-                                help="comma list: none, post (= laco@post), <compressor>@<layer> e.g. laco@1/4"),
+    methods: str = typer.Option("none,laco@post,laco@1/4,laco@1/2", "--methods", "-m",
+                                help="comma list: none, <compressor>@<layer> e.g. laco@1/4, laco@post (post = laco@post, deprecated)"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="speedups relative to it (default laco@post)"),
     ratio: int = typer.Option(2, "--ratio", "-r", min=1, help="merge r x r tokens into one"),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),

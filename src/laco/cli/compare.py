@@ -30,7 +30,7 @@ def compare(
 
     from rich.console import Console
 
-    from laco.experiments.compare import METHODS, load_preset, merge_results, run_compare
+    from laco.experiments.compare import DEFAULT_METHODS, load_preset, merge_results, run_compare
     from laco.experiments.report import print_table, write_report
     from laco.safety import OutputLock, check_output_path, read_yaml, write_marker
 
@@ -38,8 +38,13 @@ def compare(
     # tables would be cut to "meth…", so give files and pipes a wide console
     console = Console() if sys.stdout.isatty() else Console(width=180)
     if list_methods:
-        for name, spec in METHODS.items():
-            console.print(f"{name:20s} {spec.compressor} @ {spec.layer}")
+        from laco.compressors.spec import METHOD_ALIASES, parse_method
+
+        for name in DEFAULT_METHODS:
+            spec = parse_method(name)
+            console.print(f"{name:20s} {spec.compressor} @ {spec.layer or '-'}")
+        console.print("any '<compressor>@<layer>' works too; deprecated aliases: "
+                      + ", ".join(f"{a} = {c}" for a, c in METHOD_ALIASES.items()))
         return
     command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if merge:

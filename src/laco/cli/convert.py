@@ -41,7 +41,7 @@ def convert(
                                              "LlavaOnevisionForConditionalGeneration checkpoint directory"),
     out_dir: Path = typer.Argument(..., help="where the LaCo model is written (must not exist unless --overwrite)"),
     layer: str = typer.Option("1/4", "--layer", "-l", help="merge after layer: int k, fraction '1/4', 'post', "
-                                                           "or a comma list"),
+                                                           "or merges joined by '+' (1/4+1/2)"),
     ratio: int = typer.Option(2, "--ratio", "-r", min=1, help="merge r x r tokens into one"),
     method: str = typer.Option("laco", "--method", "-m", help="compressor (laco starts as exact average pooling)"),
     proj: Optional[str] = typer.Option(None, "--proj", help="PML projection: mlp (default) or linear"),
@@ -57,7 +57,7 @@ def convert(
     and goes into `laco train` stage 1 (PML + projector)."""
     from rich.console import Console
 
-    from laco.cli.info import parse_layers
+    from laco.compressors.spec import parse_layers
     from laco.model.convert import convert_checkpoint
 
     kwargs = {k: v for k, v in (("proj", proj), ("pad", pad)) if v is not None}

@@ -9,18 +9,11 @@ import typer
 from laco.cli import app
 
 
-def parse_layers(spec: str) -> object:
-    """'1/4' -> '1/4'; '3' -> 3; 'post' -> 'post'; '1/4,1/2' -> ['1/4', '1/2']."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    conv = [int(p) if p.isdigit() else p for p in parts]
-    return conv[0] if len(conv) == 1 else conv
-
-
 @app.command()
 def info(
     encoder: str = typer.Option("siglip-so400m-384", "--encoder", "-e", help="vision preset (laco info --list)"),
     method: str = typer.Option("laco", "--method", "-m", help="compressor name, or 'none'"),
-    layer: str = typer.Option("1/4", "--layer", "-l", help="int k, fraction '1/4', 'post', or a comma list"),
+    layer: str = typer.Option("1/4", "--layer", "-l", help="int k, fraction '1/4', 'post', or several merges joined by '+' (1/4+1/2)"),
     ratio: int = typer.Option(2, "--ratio", "-r", help="merge r x r tokens into one"),
     image_size: Optional[str] = typer.Option(
         None, "--image-size", help="one side (a square input, default: the preset's) or WIDTHxHEIGHT of an image "
@@ -39,6 +32,7 @@ def info(
     from rich.table import Table
 
     import laco
+    from laco.compressors.spec import parse_layers
 
     console = Console()
     if list_all:

@@ -17,7 +17,9 @@ def parse_layer_list(spec: str) -> list | None:
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise ValueError(f"--layers {spec!r} lists no layer; use 'all' or e.g. '0,2,1/4,post'")
-    return [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+    from laco.compressors.spec import parse_layer
+
+    return [parse_layer(p) for p in parts]
 
 
 def parse_ratio_list(spec: str) -> list[int]:

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from laco.compressors import Compressor, create_compressor
+from laco.compressors.spec import LayerSpec, parse_layer, parse_layers
 from laco.encoders.adapters import EncoderAdapter, get_adapter
 from laco.ops import Grid, join_prefix, split_prefix
-
-LayerSpec = Union[int, float, str]
 
 
 class Segment(NamedTuple):
@@ -63,17 +62,16 @@ class CompressedEncoderOutput(BaseModelOutput):
 
 
 def resolve_layer(spec: LayerSpec, num_layers: int) -> int:
-    """Turn a layer spec (int, fraction, "a/b", "post") into the number of layers before the merge."""
+    """Turn one layer spec (int, fraction, "a/b", "post"; grammar in ``laco.compressors.spec``) into the number
+    of layers before the merge."""
     if isinstance(spec, bool):
         raise TypeError(f"layer must be an int, a fraction or 'post', got {spec!r}")
     if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s in ("post", "external"):
+        spec = parse_layer(spec)
+        if spec == "post":
             return num_layers
-        try:
-            spec = Fraction(s) if "/" in s or "." in s else int(s)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"cannot parse layer {spec!r}; use an int, a fraction like '1/4' or 'post'") from None
+        if isinstance(spec, str):
+            spec = Fraction(spec)
     if isinstance(spec, int):
         if not 0 <= spec <= num_layers:
             raise ValueError(f"layer {spec} is out of range for an encoder running {num_layers} layers (0..{num_layers})")
@@ -218,9 +216,10 @@ def compress_encoder(
     n_run = len(adapter.layers) + feature_layer + 1
     stages: dict[int, Compressor] = {}
     if method not in (None, "none"):
-        specs = list(layer) if isinstance(layer, (list, tuple)) else [layer]
-        if not specs:
+        if isinstance(layer, (list, tuple)) and not layer:
             raise ValueError("layer list is empty")
+        specs = parse_layers(layer) if isinstance(layer, (str, list, tuple)) else layer  # "1/4+1/2" -> a list
+        specs = specs if isinstance(specs, list) else [specs]
         for spec in specs:
             k = resolve_layer(spec, n_run)
             if k in stages:

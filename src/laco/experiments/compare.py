@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from laco.compressors.spec import MethodSpec, canonical_name, parse_method
+from laco.compressors.spec import parse_methods as parse_method_specs
 from laco.data.embedded import EmbeddedDataConfig, EmbeddedDataset, build_embedded_dataset
 from laco.experiments.pretrain import PretrainConfig, load_pretrained_encoder, to_pixel_values
 from laco.flops import encoder_cost
@@ -61,44 +63,16 @@ from laco.flops import encoder_cost
 SCENARIOS = ("readout", "train", "retrofit")
 
 
-# -- methods ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MethodSpec:
-    """One row of the comparison: a registered compressor at a depth ("post" = after the encoder)."""
-
-    compressor: str  # "none" or a name in laco.list_compressors()
-    layer: str | int = "1/4"
-    kwargs: tuple = ()  # extra compressor kwargs as (key, value) pairs (hashable)
-
-    def compression(self, ratio: int) -> dict[str, Any]:
-        return {"method": self.compressor, "layer": self.layer, "ratio": ratio, "kwargs": dict(self.kwargs)}
-
-
-METHODS: dict[str, MethodSpec] = {
-    "none": MethodSpec("none", "post"),
-    "ext_pixel_shuffle": MethodSpec("pixel_shuffle", "post"),
-    "ext_laco": MethodSpec("laco", "post"),
-    "laco@1/4": MethodSpec("laco", "1/4"),
-    "pixel_shuffle@1/4": MethodSpec("pixel_shuffle", "1/4"),
-    "avg_pool@1/4": MethodSpec("avg_pool", "1/4"),
-    "ldpv2@1/4": MethodSpec("ldpv2", "1/4"),
-    "tokenpacker@1/4": MethodSpec("tokenpacker", "1/4"),
-    "tome@1/4": MethodSpec("tome", "1/4"),
-    "laco@1/12": MethodSpec("laco", "1/12"),
-    "laco@1/2": MethodSpec("laco", "1/2"),
-}
+# -- methods (grammar: laco.compressors.spec) -------------------------------------------------------
+#: the comparison's rows, canonical names (results before #15 spell "laco@post" "ext_laco" and
+#: "pixel_shuffle@post" "ext_pixel_shuffle"; both spellings are accepted)
+DEFAULT_METHODS = ("none", "pixel_shuffle@post", "laco@post", "laco@1/4", "pixel_shuffle@1/4", "avg_pool@1/4",
+                   "ldpv2@1/4", "tokenpacker@1/4", "tome@1/4", "laco@1/12", "laco@1/2")
 
 
 def parse_methods(spec: str | list[str] | None) -> list[str]:
-    """'laco@1/4,pixel_shuffle@1/4' or a list -> validated method names (default: all)."""
-    if spec is None:
-        return list(METHODS)
-    names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else [str(m).strip() for m in spec]
-    names = [m for m in names if m]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown or spec!r}; choose from: {', '.join(METHODS)}")
-    return list(dict.fromkeys(names))
+    """'laco@1/4,pixel_shuffle@1/4' or a list -> canonical method names (default: ``DEFAULT_METHODS``)."""
+    return list(DEFAULT_METHODS) if spec is None else [m.name for m in parse_method_specs(spec)]
 
 
 # -- presets ----------------------------------------------------------------------------------------
@@ -122,7 +96,7 @@ class ComparePreset:
     data: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
     seeds: list[int] = field(default_factory=lambda: [0])
     ratio: int = 2
@@ -359,7 +333,7 @@ def build_model(spec: MethodSpec, preset: ComparePreset, encoder, llm, tok, seed
 
     config = LaCoConfig(
         vision_config=encoder.config.to_dict(), text_config=llm.config.to_dict(),
-        compression=spec.compression(preset.ratio), projector_type=preset.projector_type,
+        compression={**spec.compression, "ratio": preset.ratio}, projector_type=preset.projector_type,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
     with torch.random.fork_rng(devices=[]):
@@ -579,7 +553,7 @@ def prepare(preset: ComparePreset, *, log=print) -> Context:
     llm = pretrain_llm(preset, tok, train_convs)
     timings["llm_pretrain_s"] = time.perf_counter() - t
     # which encoder states the methods start from, and how many image tokens each gives
-    specs = {m: METHODS[m] for m in {*preset.methods, "none"}}
+    specs = {m: parse_method(m) for m in {*preset.methods, "none"}}
     starts, tokens = set(), set()
     with torch.device("meta"):
         for spec in specs.values():
@@ -617,7 +591,7 @@ def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> 
     """One (method, seed, scenario) run -> (result row, trained model)."""
     from laco.train import freeze_for_stage
 
-    p, spec = ctx.preset, METHODS[name]
+    p, spec = ctx.preset, parse_method(name)
     tag = f"{scenario} {name} s{seed}"
     model = build_model(spec, p, ctx.encoder, ctx.llm, ctx.tok, seed)
     if scenario == "retrofit":
@@ -692,7 +666,7 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
 
     from laco.encoders import compress_encoder
 
-    p, spec = ctx.preset, METHODS[name]
+    p, spec = ctx.preset, parse_method(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tower = compress_encoder(ctx.encoder, spec.compressor, layer=spec.layer, ratio=p.ratio,
@@ -822,16 +796,17 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # the questions the experiment asks, as (A, B): is A better than B, seed for seed?
 CONTRASTS = (
     ("laco@1/4", "pixel_shuffle@1/4"),  # does the shortcut matter inside the encoder?
-    ("laco@1/4", "ext_laco"),  # what does merging early cost, against LaCo after the encoder?
-    ("laco@1/4", "ext_pixel_shuffle"),  # ... against the usual post-encoder pixel shuffle?
-    ("ext_laco", "ext_pixel_shuffle"),  # does the shortcut matter after the encoder?
+    ("laco@1/4", "laco@post"),  # what does merging early cost, against LaCo after the encoder?
+    ("laco@1/4", "pixel_shuffle@post"),  # ... against the usual post-encoder pixel shuffle?
+    ("laco@post", "pixel_shuffle@post"),  # does the shortcut matter after the encoder?
 )
 
 
 def contrasts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Paired accuracy differences A - B per scenario, over the seeds both ran (a seed shares data order
     and projector init across methods, so pairing removes that part of the seed noise)."""
-    acc = {(r["scenario"], r["method"], r["seed"]): r["after"]["accuracy"] for r in runs}
+    acc = {(r["scenario"], canonical_name(r["method"]), r["seed"]): r["after"]["accuracy"] for r in runs}
+    spelled = {canonical_name(r["method"]): r["method"] for r in runs}  # older runs spell "ext_laco"
     out = []
     for scenario in SCENARIOS:
         for a, b in CONTRASTS:
@@ -839,9 +814,10 @@ def contrasts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not seeds:
                 continue
             d = [round(acc[(scenario, a, s)] - acc[(scenario, b, s)], 2) for s in seeds]
-            verdict = (f"{a} higher on every seed" if min(d) > 0 else f"{b} higher on every seed" if max(d) < 0
-                       else "mixed across seeds")
-            out.append({"scenario": scenario, "a": a, "b": b, "seeds": seeds, "diffs": d,
+            a_name, b_name = spelled[a], spelled[b]
+            verdict = (f"{a_name} higher on every seed" if min(d) > 0 else f"{b_name} higher on every seed"
+                       if max(d) < 0 else "mixed across seeds")
+            out.append({"scenario": scenario, "a": a_name, "b": b_name, "seeds": seeds, "diffs": d,
                         "mean": round(statistics.mean(d), 2),
                         "std": round(statistics.stdev(d), 2) if len(d) > 1 else 0.0,
                         "verdict": verdict if len(d) > 1 else "one seed"})

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from laco.compressors.spec import MethodSpec, parse_method
 from laco.io import atomic_write_text
 
-METHOD_LABELS = {
-    "none": "none (64 tokens)",
-    "ext_pixel_shuffle": "external pixel-shuffle",
-    "ext_laco": "external LaCo (LaCo@1)",
-}
+
+def _spec(r: dict[str, Any]) -> MethodSpec:
+    """The method of a result row (rows before #15 spell "laco@post" "ext_laco": an accepted alias)."""
+    return parse_method(r["method"])
 
 
 def _fmt(mean: float | None, std: float | None, seeds: int) -> str:
@@ -132,8 +132,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 4.8), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
         for r in (r for r in results["table"] if r["scenario"] == scenario):
-            colour = "C0" if r["method"].startswith("laco") or r["method"] == "ext_laco" else \
-                "C3" if "pixel_shuffle" in r["method"] else "gray" if r["method"] == "none" else "C2"
+            comp = _spec(r).compressor
+            colour = {"laco": "C0", "pixel_shuffle": "C3", "none": "gray"}.get(comp, "C2")
             ax.errorbar(r["encoder_gflops"], r["acc_mean"], yerr=r["acc_std"] or None, fmt="o", color=colour, capsize=3)
             if r["before_mean"] is not None and scenario != "train":
                 ax.plot([r["encoder_gflops"]], [r["before_mean"]], marker="x", color=colour, alpha=0.5)
@@ -154,12 +154,12 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         rows = [r for r in results["table"] if r["scenario"] == scenario and r["merge_layer"] is not None]
         for family, colour in (("laco", "C0"), ("pixel_shuffle", "C3")):
             pts = sorted((r["merge_layer"] / r["num_layers"], r["acc_mean"], r["acc_std"]) for r in rows
-                         if r["method"] in (f"ext_{family}",) or r["method"].startswith(f"{family}@"))
+                         if _spec(r).compressor == family)
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=[e or 0 for e in es], marker="o", color=colour, capsize=3, label=family)
         for r in rows:
-            if r["method"].split("@")[0] not in ("laco", "pixel_shuffle", "ext_laco", "ext_pixel_shuffle"):
+            if _spec(r).compressor not in ("laco", "pixel_shuffle"):
                 ax.plot(r["merge_layer"] / r["num_layers"], r["acc_mean"], "s", color="C2", alpha=0.6)
                 ax.annotate(r["method"].split("@")[0], (r["merge_layer"] / r["num_layers"], r["acc_mean"]), fontsize=7,
                             xytext=(4, -8), textcoords="offset points")
@@ -182,7 +182,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         for r in curves:
             xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, marker=".", label=r["method"], ls="--" if r["method"].startswith("ext_") else "-")
+            ax.plot(xs, ys, marker=".", label=r["method"], ls="--" if _spec(r).layer == "post" else "-")
         ax.axvline(results["config"]["stage1_steps"], color="gray", lw=0.8)
         limit = results["config"].get("curve_limit")
         ax.set_xlabel("training step (stage 1 + stage 2)")

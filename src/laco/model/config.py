@@ -42,11 +42,13 @@ def normalize_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
     if method is None:
         out["method"] = method = "none"
     from laco.compressors import list_compressors
+    from laco.compressors.spec import parse_layers
 
     if method != "none" and method not in list_compressors():
         raise ValueError(f"unknown compression method {method!r}; known: none, {', '.join(list_compressors())}")
     if isinstance(out["layer"], tuple):
         out["layer"] = list(out["layer"])
+    parse_layers(out["layer"])  # the one layer grammar: a bad spec fails here, naming it
     if isinstance(out["ratio"], bool) or not isinstance(out["ratio"], int):
         raise TypeError(f"compression ratio must be an int, got {out['ratio']!r}")
     return out

@@ -1,6 +1,6 @@
 """Serving benchmark inside vLLM: the same request set through the engine for each method.
 
-    laco serve-bench --methods none,post,laco@1/4 --output-lens 1,16,64 --concurrency 1,4 --requests 8
+    laco serve-bench --methods none,laco@post,laco@1/4 --output-lens 1,16,64 --concurrency 1,4 --requests 8
     # -> benchmarks/results/<device>/vllm/<vision>_<llm>.{json,md,png}
 
 For each method a model folder is written with config, tokenizer and processor only (the real Qwen2
@@ -38,7 +38,7 @@ QUESTION = "Describe the image."
 class ServeBenchConfig:
     vision: str = "siglip-so400m-384"
     llm: str = "qwen2-0.5b"
-    methods: str = "none,post,laco@1/4"
+    methods: str = "none,laco@post,laco@1/4"
     ratio: int = 2
     output_lens: tuple[int, ...] = (1, 16, 64)
     concurrency: tuple[int, ...] = (1, 4)
@@ -52,7 +52,7 @@ class ServeBenchConfig:
     vision_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        from laco.bench.presets import parse_methods
+        from laco.compressors.spec import parse_methods
 
         self.specs = parse_methods(self.methods)
         for name in ("output_lens", "concurrency"):
