@@ -30,11 +30,12 @@ from torch import nn
 
 from laco.encoders.compress import CompressedVisionEncoder
 from laco.flops import decoder_layer_flops, vit_layer_flops
+from laco.model.modeling import PARAMETER_GROUPS
 
-#: which parameter groups train in each stage (the MLLM's parameter-group names)
+#: which parameter groups train in each stage (names: the model's ``PARAMETER_GROUPS``); stage 2 trains all
 STAGES: dict[str, frozenset[str]] = {
     "stage1": frozenset({"compressor", "projector"}),
-    "stage2": frozenset({"encoder", "compressor", "projector", "llm"}),
+    "stage2": frozenset(PARAMETER_GROUPS),
 }
 
 

@@ -36,7 +36,7 @@ from laco.bench.presets import llm_config
 from laco.bench.timers import Case, Splits, Timer, environment, loadavg, run_cases
 from laco.compressors.spec import MethodSpec, parse_methods
 from laco.model.compat import CACHE_KEY, output_cache
-from laco.train.loop import freeze_for_stage
+from laco.train.optim import build_optimizer, freeze_for_stage
 
 PARTS = ("encoder", "compressor", "projector", "prefill", "encode_prefill", "decode", "generate",
          "train_stage1", "train_stage2")
@@ -290,7 +290,7 @@ def _optimizer(models: dict[str, nn.Module], lr: float) -> torch.optim.Optimizer
                 params.append(p)
     # fused: one kernel per step, no full-size temporaries (foreach AdamW is ~6x slower on CPU and allocates a
     # parameter-sized buffer for the denominator); HF Trainer's "adamw_torch_fused" is the same optimizer
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    return build_optimizer(params, lr=lr, weight_decay=0.0, fused=True)
 
 
 # -- the run ----------------------------------------------------------------------------------------

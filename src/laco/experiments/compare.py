@@ -59,6 +59,7 @@ from laco.compressors.spec import parse_methods as parse_method_specs
 from laco.data.embedded import EmbeddedDataConfig, EmbeddedDataset, build_embedded_dataset
 from laco.experiments.pretrain import PretrainConfig, load_pretrained_encoder, to_pixel_values
 from laco.flops import encoder_cost
+from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage
 
 SCENARIOS = ("readout", "train", "retrofit")
 
@@ -382,12 +383,6 @@ def cache_hidden_states(encoder, images: np.ndarray, layers: list[int], batch_si
 
 
 # -- training and evaluation ------------------------------------------------------------------------
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, start: int, data: TokenizedSplit,
                 steps: int, lr: float, preset: ComparePreset, seed: int, desc: str,
                 on_step: Callable[[int], None] | None = None) -> float:
@@ -400,14 +395,12 @@ def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, 
     if steps <= 0 or not params:
         return float("nan")
     model.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=preset.weight_decay)
-    warmup = max(1, int(preset.warmup_fraction * steps))
+    opt = build_optimizer(params, lr=lr, weight_decay=preset.weight_decay)
+    sched = build_scheduler(opt, steps, warmup_steps=max(1, int(preset.warmup_fraction * steps)))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr * _cosine(step, steps, warmup)
         idx = torch.randint(0, len(data), (preset.batch_size,), generator=gen)
         ids, mask, labels = data.batch(idx)
         feats = None
@@ -418,6 +411,7 @@ def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if on_step is not None:
@@ -589,8 +583,6 @@ def _meta_like(module):
 
 def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> tuple[dict[str, Any], Any]:
     """One (method, seed, scenario) run -> (result row, trained model)."""
-    from laco.train import freeze_for_stage
-
     p, spec = ctx.preset, parse_method(name)
     tag = f"{scenario} {name} s{seed}"
     model = build_model(spec, p, ctx.encoder, ctx.llm, ctx.tok, seed)
@@ -680,14 +672,12 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     if params and p.readout_steps > 0:
         for q in params:
             q.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=p.lr_stage1, weight_decay=p.weight_decay)
-        warmup = max(1, int(p.warmup_fraction * p.readout_steps))
+        opt = build_optimizer(params, lr=p.lr_stage1, weight_decay=p.weight_decay)
+        sched = build_scheduler(opt, p.readout_steps, warmup_steps=max(1, int(p.warmup_fraction * p.readout_steps)))
         gen = torch.Generator().manual_seed(seed)
         hidden, labels = ctx.hidden["train"][start], torch.as_tensor(ctx.ds.scenes["train"].labels)
         tower.train()
         for step in tqdm(range(p.readout_steps), desc=f"readout {name} s{seed}", leave=False):
-            for g in opt.param_groups:
-                g["lr"] = p.lr_stage1 * _cosine(step, p.readout_steps, warmup)
             idx = torch.randint(0, len(hidden), (p.readout_batch_size,), generator=gen)
             out = tower.forward_from(hidden[idx].float(), tower.adapter.grid_for_image_size(), start)
             logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
@@ -695,6 +685,7 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
         for q in params:
             q.requires_grad_(False)
     row["train_seconds"] = round(time.perf_counter() - t0, 1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ from torch import nn
 from laco.data.embedded import DOT_COLOURS, EmbeddedDataConfig, compose_scenes, default_cache_dir, get_item_source
 from laco.safety import verify_checksums as _verify
 from laco.safety import write_checksums
+from laco.train.optim import build_optimizer, build_scheduler
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 NUM_CLASSES = 10  # both item sources (Fashion-MNIST, generated) have 10 classes  # SigLIP normalisation: [0, 255] -> [-1, 1]
@@ -73,7 +73,8 @@ class PretrainConfig:
         # only what changes the weights: split sizes of the MLLM data do not
         d = asdict(self)
         d["data"] = {k: d["data"][k] for k in ("canvas", "large", "small", "dot_size", "source")}
-        return hashlib.sha256(json.dumps({**d, "version": 1}, sort_keys=True).encode()).hexdigest()[:12]
+        # version 2 (#15): warmup is transformers' (lr * step / warmup from 0), no longer (step + 1) / warmup
+        return hashlib.sha256(json.dumps({**d, "version": 2}, sort_keys=True).encode()).hexdigest()[:12]
 
     def vision_config(self):
         from transformers import SiglipVisionConfig
@@ -108,12 +109,6 @@ class QuadrantReadout(nn.Module):
         return self.cls(quad), self.dot(y.mean(dim=(1, 2, 3, 4)))
 
 
-def _lr_lambda(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 @torch.no_grad()
 def readout_accuracy(encoder, head: QuadrantReadout, images: np.ndarray, labels: np.ndarray, dot: np.ndarray,
                      batch_size: int = 256) -> dict[str, float]:
@@ -143,8 +138,8 @@ def pretrain_encoder(config: PretrainConfig, *, progress: bool = True):
     encoder = SiglipVisionModel(config.vision_config())
     head = QuadrantReadout(config.hidden_size, len(source.class_names))
     params = [*encoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_lambda(s, config.warmup_steps, config.steps))
+    opt = build_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = build_scheduler(opt, config.steps, warmup_steps=config.warmup_steps)
     grid = (config.image_size // config.patch_size,) * 2
     rng = np.random.default_rng(config.seed)
     encoder.train()

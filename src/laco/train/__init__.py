@@ -34,16 +34,17 @@ from laco.train.loop import (
     StageResult,
     TrainResult,
     apply_lora,
-    freeze_for_stage,
     merge_lora,
     set_train_mode,
     token_loss_sum,
     train,
 )
+from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, param_groups
 
 __all__ = [
     "PARAM_GROUPS", "DataConfig", "EpochSampler", "LoraConfig", "ModelSource", "NonFiniteLossError", "RunConfig",
-    "StageConfig", "StageResult", "TrainResult", "TrainerState", "apply_lora", "atomic_dir", "freeze_for_stage",
+    "StageConfig", "StageResult", "TrainResult", "TrainerState", "apply_lora", "atomic_dir", "build_optimizer",
+    "build_scheduler", "freeze_for_stage", "param_groups",
     "latest_checkpoint", "list_checkpoints", "load_run_config", "merge_lora", "save_run_config", "set_train_mode",
     "token_loss_sum", "train",
 ]

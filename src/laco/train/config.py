@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from laco.io import atomic_write_text
+from laco.model.modeling import PARAMETER_GROUPS
 
-PARAM_GROUPS = ("compressor", "encoder", "projector", "llm")
+PARAM_GROUPS = PARAMETER_GROUPS  # the names are defined once, by the model
 SCHEDULERS = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -59,6 +59,7 @@ from laco.safety import (
     write_marker,
 )
 from laco.train.config import DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
+from laco.train.optim import _lora_wrapped, build_optimizer, build_scheduler, freeze_for_stage, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -95,47 +96,6 @@ class TrainResult:
     @property
     def losses(self) -> list[float]:
         return [x for s in self.stages for x in s.losses]
-
-
-# -- freezing ------------------------------------------------------------------------------------
-def _lora_wrapped(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTuner
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, BaseTuner)
-
-
-def freeze_for_stage(model: nn.Module, trainable_groups: Sequence[str]) -> list[nn.Parameter]:
-    """Train exactly the parameters of ``trainable_groups``; freeze every other parameter.
-
-    Groups come from ``model.parameter_groups()`` ("compressor", "encoder", "projector", "llm").
-    When the LLM carries LoRA adapters (``apply_lora``), "llm" trains only the adapters. Returns the
-    trainable parameters.
-    """
-    if isinstance(trainable_groups, str):
-        raise TypeError(f"trainable_groups must be a list of group names, got the string {trainable_groups!r}")
-    groups = model.parameter_groups()
-    unknown = [g for g in trainable_groups if g not in groups]
-    if unknown:
-        raise ValueError(f"unknown parameter group(s) {unknown}; the model has {list(groups)}")
-    lora_ids = set()
-    llm = getattr(model, "language_model", None)
-    if llm is not None and _lora_wrapped(llm):
-        lora_ids = {id(p) for n, p in llm.named_parameters() if "lora_" in n}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable: list[nn.Parameter] = []
-    for g in trainable_groups:
-        params = groups[g]
-        if g == "llm" and lora_ids:
-            params = [p for p in params if id(p) in lora_ids]
-        for p in params:
-            p.requires_grad_(True)
-        trainable += params
-    if not trainable:
-        raise ValueError(f"parameter groups {list(trainable_groups)} hold no parameters in this model")
-    return trainable
 
 
 def set_train_mode(model: nn.Module, frozen_eval: bool = True) -> None:
@@ -222,20 +182,7 @@ def _resolve_data(train_data: Any, stage: StageConfig, config: RunConfig, image_
     return ds, dc
 
 
-# -- optimisation pieces ---------------------------------------------------------------------------
-def build_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.AdamW:
-    """AdamW with, per trained group, a decayed (>= 2-D) and a non-decayed (1-D: biases, norms) param group."""
-    groups = model.parameter_groups()
-    param_groups = []
-    for g in stage.trainable:
-        lr = stage.group_lr.get(g, stage.learning_rate)
-        params = [p for p in groups[g] if p.requires_grad]
-        for decay, sel in ((stage.weight_decay, [p for p in params if p.ndim >= 2]), (0.0, [p for p in params if p.ndim < 2])):
-            if sel:
-                param_groups.append({"params": sel, "lr": lr, "weight_decay": decay, "name": g})
-    return torch.optim.AdamW(param_groups, lr=stage.learning_rate, betas=tuple(stage.adam_betas))
-
-
+# -- loss ----------------------------------------------------------------------------------------
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over label positions. logits (B, T, V), labels (B, T) -> scalar fp32."""
     logits = logits[:, :-1].float()
@@ -489,8 +436,6 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
                global_step: int, ckpt: Path | None) -> tuple[StageResult, int]:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
     stage = config.stages[si]
     out = Path(config.output_dir)
     stage_seed = config.seed + 1000 * si
@@ -507,15 +452,16 @@ def _run_stage(acc, model: nn.Module, processor, ds: LlavaDataset, dc: DataConfi
     loader = torch.utils.data.DataLoader(ds, batch_size=stage.batch_size, sampler=sampler, collate_fn=collator,
                                          num_workers=dc.num_workers, drop_last=False,
                                          generator=torch.Generator().manual_seed(stage_seed))
-    optimizer = build_optimizer(model, stage)
+    optimizer = build_optimizer(
+        param_groups(model, stage.trainable, lr=stage.learning_rate, group_lr=stage.group_lr,
+                     weight_decay=stage.weight_decay), lr=stage.learning_rate, betas=stage.adam_betas)
     wrapped, optimizer, loader = acc.prepare(model, optimizer, loader)
     if len(loader) == 0:
         raise ValueError(f"stage {stage.name!r}: the data loader is empty ({len(ds)} samples)")
     steps_per_epoch = math.ceil(len(loader) / stage.grad_accum)
     total = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     warmup = stage.warmup_steps if stage.warmup_steps is not None else round(stage.warmup_ratio * total)
-    name = {"constant": "constant_with_warmup"}.get(stage.scheduler, stage.scheduler)
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    scheduler = build_scheduler(optimizer, total, warmup_steps=warmup, name=stage.scheduler)
 
     step = epoch = skip = samples_seen = updates = requested = 0
     last_loss = None
