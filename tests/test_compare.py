@@ -68,6 +68,7 @@ def test_readout_pools_quadrants():
 # -- laco compare -------------------------------------------------------------------------------------
 from laco.compressors.spec import parse_method  # noqa: E402
 from laco.experiments import compare as C  # noqa: E402
+from laco.experiments.compare import presets as CP  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_presets_and_overrides(tmp_path):
     p = C.load_preset("quick", cfg, seeds=[3])
     assert (p.stage1_steps, p.llm.hidden_size, p.methods, p.seeds) == (7, 64, ["none", "laco@1/4"], [3])
     with pytest.raises(ValueError, match="unknown config key 'llm.width'"):
-        C._merge(p, {"llm": {"width": 3}})
+        CP._merge(p, {"llm": {"width": 3}})
     with pytest.raises(ValueError, match="unknown compressor 'foo'"):
         C.load_preset("quick", methods=["foo@1/4"])
     # any method of the grammar; deprecated spellings of committed results become canonical names

@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 
 import laco
+from laco.data.images import load_image_folder
 from laco.eval.probe import (
     ProbeConfig,
     ProbeRow,
     linear_probe_accuracy,
-    load_encoder_source,
-    load_image_folder,
     mark_pareto,
     probe_encoder,
     recommend,
     spearman,
 )
+from laco.model.sources import load_encoder_source
 
 
 

@@ -17,14 +17,12 @@ rounds and over the unflagged ones, from wall time and from CPU time.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from laco.io import atomic_write_text
+from laco.io import atomic_write, atomic_write_text
 
 #: targets for an inside merge (e.g. laco@1/4) against external compression (laco@post): issue #18's, at
 #: 0.90 of the FLOP model's prediction for SigLIP-so400m-384 + Qwen2-0.5B (issue #5 had 1.25 / 1.25 / 1.20)
@@ -387,15 +385,10 @@ def plot(result: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"laco bench: {cfg['vision']} + {cfg['llm']}, batch {cfg['work']['batch_size']}, "
                  f"{env['device_name']} ({env['torch_threads']} threads), {cfg['dtype']}")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _plot_rounds(ax, rounds: list[dict[str, Any]], flags: list[list[str]], threshold: float | None) -> None:

@@ -76,7 +76,9 @@ def probe(
     from rich.console import Console
 
     from laco.safety import OutputLock, check_device, check_finite, check_output_path
-    from laco.eval.probe import ProbeConfig, load_encoder_source, load_image_folder, probe_encoder
+    from laco.data.images import load_image_folder
+    from laco.eval.probe import ProbeConfig, probe_encoder
+    from laco.model.sources import load_encoder_source
 
     check_finite("--budget", budget, low=0.0)
     check_device(device)
@@ -85,7 +87,12 @@ def probe(
     torch.set_num_threads(threads)
     config = ProbeConfig(layers=parse_layer_list(layers), ratios=parse_ratio_list(ratios), budget=budget,
                          metric=metric, batch_size=batch_size, seed=seed)
-    src = load_encoder_source(source)
+    if source == "embedded":
+        from laco.experiments.pretrain import embedded_encoder_source
+
+        src = embedded_encoder_source()
+    else:
+        src = load_encoder_source(source)
     config.feature_layer, config.final_norm = src.feature_layer, src.final_norm
     for note in src.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from laco.io import atomic_write_text, replace_dir
 from laco.safety import verify_checksums, write_checksums
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -402,15 +403,11 @@ class EmbeddedDataset:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=None if isinstance(obj, list) else 2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=None if isinstance(obj, list) else 2))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def default_cache_dir() -> Path:
@@ -466,6 +463,5 @@ def build_embedded_dataset(config: EmbeddedDataConfig | None = None, out_dir: st
                                     "class_names": source.class_names, "counts": counts, "config": asdict(config),
                                     "dot_colours": list(DOT_COLOURS), "positions": POSITIONS})
     write_checksums(tmp)
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)  # the folder appears complete or not at all
+    replace_dir(tmp, root)  # the folder appears complete or not at all
     return EmbeddedDataset(root, source.name, source.class_names, scenes, config)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from laco.data.embedded import DOT_COLOURS, EmbeddedDataConfig, compose_scenes, default_cache_dir, get_item_source
+from laco.io import publish_dir
 from laco.safety import verify_checksums as _verify
 from laco.safety import write_checksums
 from laco.train.optim import build_optimizer, build_scheduler
@@ -201,11 +202,7 @@ def load_pretrained_encoder(cache_dir: str | Path | None = None, config: Pretrai
         save_file(head.state_dict(), str(tmp / "readout.safetensors"))
         (tmp / "pretrain.json").write_text(json.dumps({"config": asdict(config), "metrics": metrics}, indent=2))
         write_checksums(tmp)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
+        publish_dir(tmp, path)  # another process that finished first keeps theirs
     encoder = SiglipVisionModel.from_pretrained(path).eval()
     if not with_head:
         return encoder
@@ -213,3 +210,15 @@ def load_pretrained_encoder(cache_dir: str | Path | None = None, config: Pretrai
     head = QuadrantReadout(config.hidden_size, NUM_CLASSES)
     head.load_state_dict(load_file(str(path / "readout.safetensors")))
     return encoder, head.eval(), info["metrics"]
+
+
+def embedded_encoder_source():
+    """The pretrained embedded encoder as a ``laco.model.sources.EncoderSource`` (``laco probe embedded``)."""
+    from laco.model.sources import EncoderSource
+
+    model = load_pretrained_encoder()
+    path = encoder_cache_path()
+    info = json.loads((path / "pretrain.json").read_text()) if (path / "pretrain.json").is_file() else {}
+    note = f"embedded encoder {path.name}" + (f", pretraining metrics {info['metrics']}" if "metrics" in info else "")
+    return EncoderSource("embedded", model, image_size=PretrainConfig().image_size,
+                         image_mean=(PIXEL_MEAN,) * 3, image_std=(PIXEL_STD,) * 3, notes=[note])

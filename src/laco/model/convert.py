@@ -45,6 +45,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
+from laco.io import replace_dir
 from laco.safety import check_model_dir, check_replaceable, clean_partials, read_json_object, write_marker
 
 LayerSpec = Union[int, float, str]
@@ -305,12 +306,7 @@ def _atomic_replace_dir(tmp: Path, out: Path, overwrite: bool, src: Path) -> Non
         if not overwrite:
             raise ValueError(f"output directory {str(out)!r} exists; pass overwrite=True (--overwrite) to replace it")
         check_replaceable(out, "convert", sources=(src,), legacy=LEGACY_MARKERS)  # again: it may have changed
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
 
 
 def convert_checkpoint(

@@ -17,7 +17,8 @@ trainable parameters; ``load_run_config("run.yaml")`` reads and checks a YAML ru
 See docs/training.md.
 """
 
-from laco.train.checkpoint import TrainerState, atomic_dir, latest_checkpoint, list_checkpoints
+from laco.io import atomic_dir
+from laco.train.checkpoint import TrainerState, latest_checkpoint, list_checkpoints
 from laco.train.config import (
     PARAM_GROUPS,
     DataConfig,

@@ -32,11 +32,11 @@ import logging
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from laco.io import TMP_PREFIX, replace_dir
 from laco.safety import CHECKSUM_FILE, read_json_object, verify_checksums, write_checksums
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 STAGE_MARKER = "laco_stage.json"
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -83,38 +82,6 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` directory to ``final`` (replacing an older one) with atomic renames."""
-    if final.exists():
-        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-@contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; on success it is renamed to ``final``.
-
-    Single-process helper (the multi-process checkpoint path coordinates the rename itself).
-    """
-    final = Path(final)
-    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_dir(tmp, final)
 
 
 def clean_temporary(output_dir: str | os.PathLike) -> None:
@@ -191,7 +158,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, state: TrainerSt
     if accelerator.is_main_process:
         _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete checkpoint
         write_checksums(tmp)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final, old=final.with_name(f"{TMP_PREFIX}old-{final.name}"))
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -244,6 +211,6 @@ def save_stage_model(accelerator, model, processor, output_dir: str | os.PathLik
             processor.save_pretrained(tmp)
         _write_json(tmp / STAGE_MARKER, info)
         write_checksums(tmp)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final, old=final.with_name(f"{TMP_PREFIX}old-{final.name}"))
     accelerator.wait_for_everyone()
     return final

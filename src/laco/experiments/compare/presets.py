@@ -1,0 +1,172 @@
+"""``laco compare`` presets: the methods compared, the scenarios, and every setting (``ComparePreset``),
+filled by the smoke / quick / full presets and overridden by a YAML/JSON file or keywords."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from laco.compressors.spec import parse_methods as parse_method_specs
+from laco.data.embedded import EmbeddedDataConfig
+from laco.experiments.pretrain import PretrainConfig
+
+SCENARIOS = ("readout", "train", "retrofit")
+
+
+# -- methods (grammar: laco.compressors.spec) -------------------------------------------------------
+#: the comparison's rows, canonical names (results before #15 spell "laco@post" "ext_laco" and
+#: "pixel_shuffle@post" "ext_pixel_shuffle"; both spellings are accepted)
+DEFAULT_METHODS = ("none", "pixel_shuffle@post", "laco@post", "laco@1/4", "pixel_shuffle@1/4", "avg_pool@1/4",
+                   "ldpv2@1/4", "tokenpacker@1/4", "tome@1/4", "laco@1/12", "laco@1/2")
+
+
+def parse_methods(spec: str | list[str] | None) -> list[str]:
+    """'laco@1/4,pixel_shuffle@1/4' or a list -> canonical method names (default: ``DEFAULT_METHODS``)."""
+    return list(DEFAULT_METHODS) if spec is None else [m.name for m in parse_method_specs(spec)]
+
+
+# -- presets ----------------------------------------------------------------------------------------
+@dataclass
+class LLMConfig:
+    """The small Qwen2-structured LLM (built in code) and its tokenizer size."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 512  # the small BPE trained on the embedded text
+
+
+@dataclass
+class ComparePreset:
+    """Everything ``laco compare`` does; presets fill it, a YAML/JSON file overrides any field."""
+
+    name: str = "quick"
+    data: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ratio: int = 2
+    projector_type: str = "mlp2x_gelu"
+    # budgets (steps of ``batch_size`` samples)
+    batch_size: int = 32
+    llm_pretrain_steps: int = 150
+    stage1_steps: int = 100
+    stage2_steps: int = 150
+    retrofit_steps: int = 60
+    readout_steps: int = 60  # compressor-only steps against the frozen pretrained read-out
+    readout_batch_size: int = 128
+    lr_llm_pretrain: float = 2e-3
+    lr_stage1: float = 1e-3
+    lr_stage2: float = 5e-4
+    lr_retrofit: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+    # evaluation and timing
+    eval_limit: int | None = None  # test questions (None: all)
+    eval_batch_size: int = 128
+    curve_every: int = 0  # train scenario: test accuracy every N stage-2 steps (0: off) -> acc_vs_step.png
+    curve_limit: int | None = 600  # test questions per curve point (None: all)
+    timing_batches: int = 3  # uncached batches timed per method (median reported)
+    timing_batch_size: int = 32
+    cache_dtype: str = "float32"  # hidden-state cache; "float16" halves its memory
+    threads: int = 2  # torch threads; on a busy shared machine 1 is often faster
+    cache_dir: str | None = None  # default $LACO_CACHE or ~/.cache/laco
+
+    def __post_init__(self) -> None:
+        for name, cls in (("data", EmbeddedDataConfig), ("pretrain", PretrainConfig), ("llm", LLMConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        self.methods = parse_methods(self.methods)
+        bad = [s for s in self.scenarios if s not in SCENARIOS]
+        if bad or not self.scenarios:
+            raise ValueError(f"unknown scenario(s) {bad or self.scenarios!r}; choose from {SCENARIOS}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        if self.cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
+        if self.pretrain.data.canvas != self.data.canvas:
+            raise ValueError(f"pretrain.data.canvas {self.pretrain.data.canvas} != data.canvas {self.data.canvas}")
+        if self.curve_every < 0:
+            raise ValueError(f"curve_every must be >= 0 (0: no learning curve), got {self.curve_every}")
+        for k in ("batch_size", "eval_batch_size", "timing_batch_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+def _smoke() -> ComparePreset:
+    data = EmbeddedDataConfig(num_train=96, num_val=16, num_test=32)
+    pre = PretrainConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, steps=4,
+                         batch_size=16, pool_size=64, eval_size=32, warmup_steps=2, data=data)
+    return ComparePreset(
+        name="smoke", data=data, pretrain=pre,
+        llm=LLMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=320),
+        batch_size=8, llm_pretrain_steps=2, stage1_steps=2, stage2_steps=2, retrofit_steps=2, eval_batch_size=32,
+        timing_batches=1, timing_batch_size=4, threads=1,  # tiny ops: a second thread only adds sync overhead
+    )
+
+
+def _quick() -> ComparePreset:
+    data = EmbeddedDataConfig(num_train=8000, num_val=500, num_test=600)
+    return ComparePreset(name="quick", data=data, pretrain=PretrainConfig(data=data), stage1_steps=80,
+                         stage2_steps=120, retrofit_steps=60)
+
+
+def _full() -> ComparePreset:
+    data = EmbeddedDataConfig(num_train=12000, num_val=1000, num_test=2000)
+    return ComparePreset(
+        name="full", data=data, pretrain=PretrainConfig(steps=800, batch_size=96, data=data), seeds=[0, 1, 2],
+        # the tiny MLLM needs ~1500+ stage-2 steps to read the image (docs/compare.md); hours on 2 CPU cores
+        stage1_steps=200, stage2_steps=2000, retrofit_steps=150, readout_steps=150, llm_pretrain_steps=300,
+        timing_batches=5,
+    )
+
+
+PRESETS = {"smoke": _smoke, "quick": _quick, "full": _full}
+
+
+def _merge(obj: Any, overrides: dict[str, Any], where: str = "") -> Any:
+    """A copy of dataclass ``obj`` with ``overrides`` applied recursively; unknown keys are a ValueError."""
+    names = {f.name for f in fields(obj)}
+    kw = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {where + key!r}; known: {', '.join(sorted(names))}")
+        cur = getattr(obj, key)
+        kw[key] = _merge(cur, value, f"{where}{key}.") if is_dataclass(cur) and isinstance(value, dict) else value
+    out = copy.deepcopy(obj)
+    for key, value in kw.items():
+        setattr(out, key, value)
+    if where == "" and "data" in overrides and "pretrain" not in overrides:
+        out.pretrain.data = copy.deepcopy(out.data)  # the encoder sees scenes of the same geometry
+    if hasattr(out, "__post_init__"):
+        out.__post_init__()  # re-validate
+    return out
+
+
+def load_preset(name: str = "quick", config_file: str | os.PathLike | None = None, **overrides: Any) -> ComparePreset:
+    """A preset, then a YAML/JSON config file, then keyword overrides (``methods="laco@1/4"``, ...)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[name]()
+    if config_file is not None:
+        from laco.safety import read_yaml
+
+        path = Path(config_file)
+        data = read_yaml(path, "compare config") or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file must hold a mapping of preset fields, got {type(data).__name__}: {path}")
+        data.pop("preset", None)  # the CLI reads it; the rest overrides fields
+        try:
+            preset = _merge(preset, data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{err} (in {path})") from None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return _merge(preset, overrides) if overrides else preset
