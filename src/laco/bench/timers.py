@@ -270,7 +270,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
 
     import transformers
 
-    import laco
+    from laco._version import __version__
 
     device = torch.device(device)
     env: dict[str, Any] = {
@@ -282,7 +282,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "loadavg_start": loadavg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {"laco": laco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"laco": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "memory_kind": PeakMemory(device).kind,
     }
     if device.type == "cuda":

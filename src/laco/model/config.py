@@ -135,8 +135,6 @@ class LaCoConfig(PreTrainedConfig):
         Computed by building the vision tower on the meta device (no memory, no weights), so it always
         follows the compression config and the encoder family.
         """
-        from laco.model.modeling import build_vision_tower
-
         import torch
 
         with torch.device("meta"):
@@ -146,8 +144,6 @@ class LaCoConfig(PreTrainedConfig):
     @property
     def tile_grid(self) -> tuple[int, int]:
         """The (compressed) token grid of one base image / tile / frame, as the LLM receives it."""
-        from laco.model.modeling import build_vision_tower
-
         import torch
 
         with torch.device("meta"):
@@ -178,3 +174,22 @@ def vision_tokens(tower, config: LaCoConfig) -> int:
     grid = tower.adapter.grid_for_image_size(size)
     keep_prefix = config.vision_feature_select_strategy == "full"
     return tower.num_output_tokens(grid, include_prefix=keep_prefix)
+
+
+def build_vision_tower(config: LaCoConfig, vision_model=None):
+    """The compressed vision tower of ``config``; ``vision_model`` (pretrained) or a fresh one from the config."""
+    from transformers import AutoModel
+
+    from laco.encoders import compress_encoder
+
+    if vision_model is None:
+        vision_model = AutoModel.from_config(config.vision_config)
+    comp = config.compression
+    return compress_encoder(
+        vision_model,
+        comp["method"],
+        layer=comp["layer"],
+        ratio=comp["ratio"],
+        feature_layer=config.vision_feature_layer,
+        **comp["kwargs"],
+    )

@@ -24,26 +24,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from laco.encoders import CompressedVisionEncoder, compress_encoder
 from laco.model import anyres
 from laco.model.compat import CACHE_KEY, causal_lm_output, output_cache
-from laco.model.config import LaCoConfig, vision_tokens
+from laco.model.config import LaCoConfig, build_vision_tower, vision_tokens
 from laco.model.projectors import create_projector
 
 #: parameter-group names used by training for freezing / per-part learning rates
 PARAMETER_GROUPS = ("compressor", "encoder", "projector", "llm")
-
-
-def build_vision_tower(config: LaCoConfig, vision_model: nn.Module | None = None) -> CompressedVisionEncoder:
-    """The compressed vision tower of ``config``; ``vision_model`` (pretrained) or a fresh one from the config."""
-    if vision_model is None:
-        vision_model = AutoModel.from_config(config.vision_config)
-    comp = config.compression
-    return compress_encoder(
-        vision_model,
-        comp["method"],
-        layer=comp["layer"],
-        ratio=comp["ratio"],
-        feature_layer=config.vision_feature_layer,
-        **comp["kwargs"],
-    )
 
 
 def image_features(

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from laco.model.config import LaCoConfig
-
-TINY_VOCAB_SIZE = 384
+from laco.model.tokenizer import TINY_VOCAB_SIZE
 #: special tokens of the tiny tokenizer, in id order (ids 0..3)
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
 TINY_IMAGE_TOKEN_ID = TINY_SPECIAL_TOKENS.index("<image>")

@@ -22,6 +22,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
 #: special tokens of small tokenizers, in id order: pad/end-of-text, turn start, turn end (eos), image
+#: vocabulary of the tiny tokenizer (``laco.model.testing``'s tiny model uses it)
+TINY_VOCAB_SIZE = 384
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
 
 CHAT_TEMPLATE = (
@@ -128,8 +130,6 @@ def _tiny_files() -> str:
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="laco-tiny-tok-")
-    from laco.model.testing import TINY_VOCAB_SIZE
-
     train_small_tokenizer(_tiny_corpus(), TINY_VOCAB_SIZE).save_pretrained(folder)
     return folder
 
