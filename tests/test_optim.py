@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, param_groups
+from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, optimizer_step, param_groups
 
 
 class TwoGroups(nn.Module):
@@ -55,3 +55,13 @@ def test_cosine_schedule_is_linear_warmup_then_half_cosine(total, warmup):
     assert seen == pytest.approx([expect(s) for s in range(total)])
     with pytest.raises(ValueError, match="total_steps >= 1"):
         build_scheduler(opt, 0)
+
+
+def test_optimizer_step_clips_steps_and_schedules():
+    p = nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([p], lr=0.1)
+    sched = build_scheduler(opt, 4, warmup_steps=0, name="linear")
+    loss = (p * torch.tensor([300.0, 400.0, 0.0])).sum()  # gradient norm 500
+    optimizer_step(loss, opt, sched, clip_params=[p], max_grad_norm=1.0)
+    assert p.grad.norm().item() == pytest.approx(1.0) and p.abs().sum() > 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 3 / 4)  # linear decay advanced one step

@@ -36,7 +36,7 @@ from laco.data.embedded import DOT_COLOURS, EmbeddedDataConfig, compose_scenes, 
 from laco.io import publish_dir
 from laco.safety import verify_checksums as _verify
 from laco.safety import write_checksums
-from laco.train.optim import build_optimizer, build_scheduler
+from laco.train.optim import build_optimizer, build_scheduler, optimizer_step
 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5
 NUM_CLASSES = 10  # both item sources (Fashion-MNIST, generated) have 10 classes  # SigLIP normalisation: [0, 255] -> [-1, 1]
@@ -153,11 +153,7 @@ def pretrain_encoder(config: PretrainConfig, *, progress: bool = True):
         cls, dl = head(x, grid)
         loss = nn.functional.cross_entropy(cls.flatten(0, 1), torch.as_tensor(pool.labels[idx]).flatten()) \
             + nn.functional.cross_entropy(dl, torch.as_tensor(pool.dot[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, clip_params=params)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     metrics = {"train_seconds": round(time.time() - t0, 1), "final_loss": round(loss.item(), 4), "source": source.name,

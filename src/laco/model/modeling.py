@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from laco.encoders import CompressedVisionEncoder, compress_encoder
+from laco.encoders import CompressedVisionEncoder
 from laco.model import anyres
 from laco.model.compat import CACHE_KEY, causal_lm_output, output_cache
 from laco.model.config import LaCoConfig, build_vision_tower, vision_tokens

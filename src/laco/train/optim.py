@@ -9,6 +9,7 @@ their optimiser here:
 * ``param_groups(model, groups, lr=, group_lr=, weight_decay=)``: per group a decayed (>= 2-D) and a
   non-decayed (1-D: biases, norms) ``torch.optim`` param group, each with its group's learning rate.
 * ``build_optimizer(params, lr=, ...)``: ``torch.optim.AdamW`` (the only construction site).
+* ``optimizer_step(loss, optimizer, scheduler, clip_params=)``: zero, backward, clip, step, schedule.
 * ``build_scheduler(optimizer, total_steps, warmup_steps=, name=)``: ``transformers.get_scheduler``
   (default ``"cosine"``: linear warmup from 0, ``lr * step / warmup``, then a half cosine to 0 at
   ``total_steps``). Call ``scheduler.step()`` after each ``optimizer.step()``.
@@ -93,3 +94,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, *, warmu
         raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
     name = {"constant": "constant_with_warmup"}.get(name, name)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler=None, *,
+                   clip_params: Iterable[nn.Parameter] | None = None, max_grad_norm: float = 1.0) -> None:
+    """One plain update: zero the gradients, backward, clip ``clip_params`` to ``max_grad_norm`` (if given),
+    step, and advance the schedule (the loops of compare and pretraining; ``laco train`` adds accumulation)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()

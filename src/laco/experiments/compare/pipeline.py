@@ -31,7 +31,7 @@ from laco.experiments.compare.steps import (
 from laco.experiments.compare.text import TokenizedSplit, build_tokenizer, conversations, tokenize_split
 from laco.experiments.pretrain import load_pretrained_encoder
 from laco.flops import encoder_cost
-from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage
+from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, optimizer_step
 
 # -- the experiment ---------------------------------------------------------------------------------
 @dataclass
@@ -232,10 +232,7 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
             out = tower.forward_from(hidden[idx].float(), tower.adapter.grid_for_image_size(), start)
             logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched)  # no clipping: the read-out protocol's
         for q in params:
             q.requires_grad_(False)
     row["train_seconds"] = round(time.perf_counter() - t0, 1)

@@ -15,7 +15,7 @@ from laco.compressors.spec import MethodSpec
 from laco.experiments.compare.presets import ComparePreset, LLMConfig
 from laco.experiments.compare.text import TokenizedSplit
 from laco.experiments.pretrain import to_pixel_values
-from laco.train.optim import build_optimizer, build_scheduler
+from laco.train.optim import build_optimizer, build_scheduler, optimizer_step
 
 # -- model building ---------------------------------------------------------------------------------
 def llm_config(cfg: LLMConfig, tok):
@@ -109,11 +109,7 @@ def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, 
         if hidden is not None:
             feats = image_features_from_hidden(model, hidden[data.image_index[idx]].float(), start)
         _, loss = lm_logits_and_loss(model, feats, ids, mask, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, clip_params=params)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if on_step is not None:
