@@ -24,8 +24,8 @@ def parse_positive_ints(text: str, option: str) -> tuple[int, ...]:
 def serve_bench(
     vision: str = typer.Option("siglip-so400m-384", "--vision", help="vision preset (laco info --list)"),
     llm: str = typer.Option("qwen2-0.5b", "--llm", help="LLM preset: qwen2-0.5b, qwen2-1.5b, qwen2-7b"),
-    methods: str = typer.Option("none,post,laco@1/4", "--methods", "-m",
-                                help="comma list: none, post (= laco@post), <compressor>@<layer> e.g. laco@1/4"),
+    methods: str = typer.Option("none,laco@post,laco@1/4", "--methods", "-m",
+                                help="comma list: none, <compressor>@<layer> e.g. laco@1/4, laco@post (post = laco@post, deprecated)"),
     ratio: int = typer.Option(2, "--ratio", "-r", min=1, help="merge r x r tokens into one"),
     output_lens: str = typer.Option("1,16,64", "--output-lens", help="comma list: new tokens per request"),
     concurrency: str = typer.Option("1,4", "--concurrency", help="comma list: requests in flight at most"),
