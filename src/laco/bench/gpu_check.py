@@ -92,9 +92,7 @@ class CheckConfig:
 
 def source_root() -> Path:
     """The folder that holds the ``laco`` package (``src`` in a checkout): put on the steps' PYTHONPATH."""
-    import laco
-
-    return Path(laco.__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]  # src/laco/bench/gpu_check.py -> src
 
 
 def tests_dir() -> Path | None:
@@ -195,11 +193,11 @@ def environment_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    import laco
+    from laco._version import __version__
 
     info: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "versions": {"laco": laco.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"laco": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
     }
     for mod in ("accelerate", "peft", "datasets", "safetensors"):
@@ -349,21 +347,23 @@ def pack(work: Path, out: Path, summary: dict[str, Any]) -> list[Path]:
     At most 8 flat files (the device tool returns no more); files over ``MAX_FILE_BYTES`` and the dry run's
     import shim stay out of the archive and are listed in the summary.
     """
-    from laco.io import atomic_write_text
+    from laco.io import atomic_write, atomic_write_text
 
     left_out = []
     archive = out / "gpu_check.tar.gz"
-    tmp = archive.with_name(archive.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for path in sorted(p for p in work.rglob("*") if p.is_file()):
-            rel = path.relative_to(work)
-            if rel.parts[0] == "_no_datasets":
-                continue
-            if path.stat().st_size > MAX_FILE_BYTES:
-                left_out.append(f"{rel.as_posix()} ({path.stat().st_size / 2**20:.1f} MiB)")
-                continue
-            tar.add(path, arcname=f"gpu_check/{rel.as_posix()}")
-    os.replace(tmp, archive)
+
+    def write_tar(tmp: Path) -> None:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(p for p in work.rglob("*") if p.is_file()):
+                rel = path.relative_to(work)
+                if rel.parts[0] == "_no_datasets":
+                    continue
+                if path.stat().st_size > MAX_FILE_BYTES:
+                    left_out.append(f"{rel.as_posix()} ({path.stat().st_size / 2**20:.1f} MiB)")
+                    continue
+                tar.add(path, arcname=f"gpu_check/{rel.as_posix()}")
+
+    atomic_write(archive, write_tar, suffix=".tar.gz")
     summary["archive"] = {"file": archive.name, "left_out": left_out}
     written = [archive]
     for md in sorted((work / "bench").rglob("*.md"))[:5]:  # 5 + 3 = the device tool's 8 files
