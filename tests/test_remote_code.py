@@ -93,7 +93,7 @@ def test_saved_folder_has_code_and_auto_map(remote_dir):
 
 
 def test_bundle_covers_lazy_imports_and_is_deterministic():
-    """Imports inside functions (config.num_image_tokens -> modeling, save_pretrained -> card) are bundled too,
+    """Imports inside functions (config.build_vision_tower -> encoders, save_pretrained -> card) are bundled too,
     and two runs give the same files."""
     from laco.model.remote import bundle_sources
 
@@ -102,7 +102,7 @@ def test_bundle_covers_lazy_imports_and_is_deterministic():
     assert {"laco_model_card.py", "laco_flops.py", "laco_compressors.py", "laco_model_anyres.py"} <= set(files)
     config_src = files["laco_model_config.py"]
     assert "    from .laco_compressors import list_compressors" in config_src  # was a function-level laco import
-    assert "from .laco_model_modeling import build_vision_tower" in config_src
+    assert "    from .laco_encoders import compress_encoder" in config_src  # the tower builder lives in config (#15)
 
 
 def test_bundle_rejects_what_it_cannot_rewrite(tmp_path, monkeypatch):
