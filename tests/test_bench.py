@@ -259,6 +259,54 @@ def test_predictions_scale_with_batch_and_images(tiny_pred):
     assert p["prefill"] == 2 * (llm + HEAD1)
 
 
+def test_anyres_predictions_by_hand(tiny_pred):
+    """--image-size WxH: every image is a base + its tiles through the encoder and projector; the LLM gets
+    OneVision's packed tokens. A 128x64 (WxH) image fills the 1x2 pinpoint of 64-px tiles exactly."""
+    cfg = BenchConfig(vision="tiny-siglip", llm="tiny-qwen2", methods="none,laco@1",
+                      work=Workload(text_tokens=8, new_tokens=2, image_size=(64, 128)))
+    pred = predict_all(cfg)
+    for m, g in (("none", 8), ("laco@1", 4)):  # tile grid: 8x8 patches, 4x4 after the merge
+        p, one = pred[m], tiny_pred[m]
+        assert p["tiles"] == [1, 2] and p["encoder_inputs"] == 3
+        assert p["image_tokens"] == g * g + g * (2 * g + 1)  # base, then g rows of 2g tokens + a newline each
+        assert p["sequence_length"] == p["image_tokens"] + 8
+        assert p["encoder"] == 3 * one["encoder"] and p["projector"] == 3 * one["projector"]
+    # the model's own layout (config with OneVision's pinpoints) gives the same count
+    from laco.bench.runner import laco_config
+    from laco.model.anyres import default_pinpoints
+
+    config = laco_config(cfg, cfg.specs[1])
+    config.image_grid_pinpoints, config.use_image_newline = default_pinpoints(config.image_size), True
+    assert config.image_layout((64, 128)).num_tokens == pred["laco@1"]["image_tokens"]
+    # a sample with two images: each untiled (OneVision's multi-image rule), base + one newline
+    cfg2 = BenchConfig(vision="tiny-siglip", llm="tiny-qwen2", methods="laco@1",
+                       work=Workload(text_tokens=8, new_tokens=2, images_per_sample=2, image_size=(64, 128)))
+    p2 = predict_all(cfg2)["laco@1"]
+    assert (p2["tiles"], p2["encoder_inputs"], p2["image_tokens"]) == ([0, 0], 1, 16 + 1)
+    with pytest.raises(ValueError, match="image_size"):
+        Workload(image_size=(0, 64))
+
+
+def test_bench_dry_run_image_size_matches_laco_info():
+    """`laco bench --dry-run --image-size` reports what `laco info --image-size` does (one code path)."""
+    runner = CliRunner()
+    info = json.loads(runner.invoke(app, ["info", "--image-size", "1152x768", "-l", "1/4", "--json"]).output)["anyres"]
+    cfg = BenchConfig(methods="none,laco@1/4", work=Workload(image_size=(768, 1152)))
+    pred = predict_all(cfg)
+    for m, key in (("none", "without"), ("laco@1/4", "with")):
+        assert pred[m]["tiles"] == info["tiles"] and pred[m]["encoder_inputs"] == info["encoder_inputs"] == 7
+        assert pred[m]["image_tokens"] == info[key]["tokens"]
+        assert pred[m]["encoder"] / 1e9 == pytest.approx(info[key]["encoder_gflops"])
+    res = runner.invoke(app, ["bench", "--dry-run", "--image-size", "1152x768", "--methods", "none,laco@1/4"])
+    assert res.exit_code == 0, res.output
+    assert "2x3 + base" in res.output and str(info["without"]["tokens"]) in res.output
+    assert str(info["with"]["tokens"]) in res.output
+    res = runner.invoke(app, ["bench", "--image-size", "1152x768"])
+    assert res.exit_code != 0 and "--dry-run" in str(res.exception)
+    res = runner.invoke(app, ["bench", "--dry-run", "--image-size", "12x"])
+    assert res.exit_code != 0 and "--image-size" in str(res.exception)
+
+
 def test_training_cases_train_exactly_their_stage():
     """Each timed step sets its own model's trainable set (the methods share the encoder and the LLM)."""
     import torch

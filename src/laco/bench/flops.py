@@ -30,6 +30,7 @@ from torch import nn
 
 from laco.encoders.compress import CompressedVisionEncoder
 from laco.flops import decoder_layer_flops, vit_layer_flops
+from laco.model import anyres
 from laco.model.modeling import PARAMETER_GROUPS
 
 #: which parameter groups train in each stage (names: the model's ``PARAMETER_GROUPS``); stage 2 trains all
@@ -136,12 +137,21 @@ class Workload:
     images_per_sample: int = 1
     text_tokens: int = 64  # prompt (inference) / prompt + answer (training) tokens per sample
     new_tokens: int = 16  # generated tokens per sample
+    # LLaVA-OneVision AnyRes: every image's (height, width), tiled as OneVision (base image + tiles of the
+    # encoder's input size, unpadded, newlines; a sample with several images: each untiled); None: one S x S input
+    image_size: tuple[int, int] | None = None
+    max_tiles: int = 9  # AnyRes: anyres_max_N token budget, in tiles
+    max_grid: int = 6  # AnyRes: pinpoints up to N x N tiles
 
     def __post_init__(self):
-        for name in ("batch_size", "images_per_sample", "text_tokens", "new_tokens"):
+        for name in ("batch_size", "images_per_sample", "text_tokens", "new_tokens", "max_tiles", "max_grid"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.image_size is not None:
+            if len(self.image_size) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.image_size):
+                raise ValueError(f"image_size must be (height, width) positive integers, got {self.image_size!r}")
+            self.image_size = tuple(self.image_size)
 
     @property
     def num_images(self) -> int:
@@ -159,14 +169,23 @@ def predict(encoder: CompressedVisionEncoder, projector: nn.Module, llm_config, 
     ``include_prefix``: whether prefix tokens (CLS) reach the LLM ("full" feature selection).
     Keys: encoder, compressor, projector, encode, prefill, encode_prefill, decode (``new_tokens`` steps),
     decode_per_token, generate, train_stage1, train_stage2 (each a total), plus ``parts`` (forward per part) and
-    ``train_split`` (forward/backward per stage).
+    ``train_split`` (forward/backward per stage); per image: ``image_tokens`` (LLM), ``encoder_inputs``, ``tiles``.
+    With ``work.image_size`` every image is laid out as LLaVA-OneVision's AnyRes (``anyres.encoder_image_layout``,
+    as ``laco info --image-size``): the encoder and projector run on every input, the LLM on the packed tokens.
     """
     grid = encoder.adapter.grid_for_image_size(image_size)
-    image_tokens = encoder.num_output_tokens(grid, include_prefix=include_prefix)
+    tower_tokens = encoder.num_output_tokens(grid, include_prefix=include_prefix)  # per encoder input
+    inputs, image_tokens, tiles = 1, tower_tokens, (0, 0)  # encoder inputs, LLM tokens, AnyRes tiles per image
+    if work.image_size is not None:  # AnyRes: the same layout as `laco info --image-size` and the model
+        if include_prefix:
+            raise ValueError("AnyRes (image_size) needs feature selection 'default': prefix tokens have no grid place")
+        lay = anyres.encoder_image_layout(encoder, work.image_size, max_tiles=work.max_tiles, max_grid=work.max_grid,
+                                          tiled=work.images_per_sample == 1)
+        inputs, image_tokens, tiles = lay.num_inputs, lay.num_tokens, lay.tiles
     seq = work.sequence_length(image_tokens)
     b, n = work.batch_size, work.num_images
-    enc = [p.scaled(n) for p in encoder_parts(encoder, image_size)]
-    proj = projector_part(projector, n * image_tokens)
+    enc = [p.scaled(n * inputs) for p in encoder_parts(encoder, image_size)]
+    proj = projector_part(projector, n * inputs * tower_tokens)  # before unpadding / newlines, as OneVision
     prefill = [p.scaled(b) for p in llm_parts(llm_config, seq, logits_positions=1)]
     # decoding: the token at step i (0-based) attends to the prompt, i earlier new tokens and itself
     decode = [sum(p.forward for p in llm_parts(llm_config, 1, 1, context=seq + i + 1)) * b
@@ -178,6 +197,8 @@ def predict(encoder: CompressedVisionEncoder, projector: nn.Module, llm_config, 
     f_prefill = sum(p.forward for p in prefill)
     return {
         "image_tokens": image_tokens,
+        "encoder_inputs": inputs,  # per image: the base image + its AnyRes tiles
+        "tiles": list(tiles),  # AnyRes (rows, cols) per image; [0, 0]: untiled
         "sequence_length": seq,
         "encoder": f_enc,
         "compressor": f_comp,

@@ -315,6 +315,9 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, command: str | Non
 
     ``profile``: also record a torch.profiler op table of one encoder forward per method (``result.profiles``).
     """
+    if cfg.work.image_size is not None:
+        raise ValueError("an AnyRes image size is predicted only (laco bench --dry-run --image-size); "
+                         "the timed runner feeds one input of the encoder's size per image")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device, dtype = cfg.torch_device, cfg.torch_dtype

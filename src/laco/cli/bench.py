@@ -19,6 +19,11 @@ def bench(
     ratio: int = typer.Option(2, "--ratio", "-r", min=1, help="merge r x r tokens into one"),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
     images_per_sample: int = typer.Option(1, "--images-per-sample", min=1),
+    image_size: Optional[str] = typer.Option(
+        None, "--image-size", help="with --dry-run: WIDTHxHEIGHT of every image, tiled with LLaVA-OneVision's AnyRes "
+        "as `laco info --image-size` (base + tiles at the preset's size, unpadded, newlines)"),
+    max_tiles: int = typer.Option(9, "--max-tiles", min=1, help="AnyRes: anyres_max_N token budget, in tiles"),
+    max_grid: int = typer.Option(6, "--max-grid", min=1, help="AnyRes: pinpoints up to N x N tiles (OneVision: 6)"),
     text_tokens: int = typer.Option(64, "--text-tokens", min=1, help="text tokens per sample (prompt + answer)"),
     new_tokens: int = typer.Option(16, "--new-tokens", min=1, help="tokens generated per sample (decode, generate)"),
     parts: Optional[str] = typer.Option(None, "--parts",
@@ -66,6 +71,16 @@ def bench(
         for kind, p in write_report(result, path.parent).items():
             Console().print(f"{kind}: {p}")
         return
+    hw = None
+    if image_size is not None:
+        from laco.model.anyres import parse_image_size
+
+        try:
+            hw = parse_image_size(image_size)
+        except ValueError as err:
+            raise ValueError(f"--image-size: {err}") from None
+        if not dry_run:
+            raise ValueError("--image-size (AnyRes) is predicted only: add --dry-run")
     if not dry_run:
         check_device(device)
         check_output_path(out, "--out")
@@ -74,20 +89,25 @@ def bench(
         chosen = tuple(p for p in chosen if p not in TRAIN_PARTS)
     cfg = BenchConfig(
         vision=vision, llm=llm, methods=methods, baseline=baseline, ratio=ratio,
-        work=Workload(batch_size, images_per_sample, text_tokens, new_tokens), parts=chosen,
+        work=Workload(batch_size, images_per_sample, text_tokens, new_tokens, hw, max_tiles, max_grid), parts=chosen,
         warmup=warmup, repeats=repeats, device=device, dtype=dtype, threads=threads,
         max_load=max_load, max_wait_s=max_wait, load_threshold=load_threshold,
     )
     console = Console()
     if dry_run:
         pred = predict_all(cfg)
-        table = Table(title=f"predicted GFLOPs: {vision} + {llm}, batch {batch_size}")
+        anyres = "" if hw is None else (f", {images_per_sample} AnyRes image(s) of {hw[1]}x{hw[0]} (WxH) per sample"
+                                        f"{', untiled (multi-image)' if images_per_sample > 1 else ''}")
+        table = Table(title=f"predicted GFLOPs: {vision} + {llm}, batch {batch_size}{anyres}")
         table.add_column("part")
         for m in pred:
             table.add_column(m, justify="right")
         for key in ("encoder", "projector", "prefill", "encode_prefill", "decode", "train_stage1", "train_stage2"):
             table.add_row(LABELS.get(key, key), *[f"{pred[m][key] / 1e9:.1f}" for m in pred])
-        table.add_row("image tokens", *[str(pred[m]["image_tokens"]) for m in pred])
+        if hw is not None:
+            table.add_row("AnyRes tiles per image", *[f"{pred[m]['tiles'][0]}x{pred[m]['tiles'][1]} + base" for m in pred])
+        table.add_row("encoder inputs per image", *[str(pred[m]["encoder_inputs"]) for m in pred])
+        table.add_row("LLM tokens per image", *[str(pred[m]["image_tokens"]) for m in pred])
         console.print(table)
         return
     if cfg.threads is not None:

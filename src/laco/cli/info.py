@@ -93,12 +93,10 @@ def anyres_report(enc, full, image_hw: tuple[int, int], max_tiles: int, max_grid
     from laco.model import anyres
 
     size = enc.adapter.config.image_size
-    pinpoints = anyres.default_pinpoints(size, max_grid)
     out: dict = {"image_height": image_hw[0], "image_width": image_hw[1], "tile_size": size}
     for key, tower in (("without", full), ("with", enc)):
-        grid = tower.output_grid(tower.adapter.grid_for_image_size(size))
-        lay = anyres.image_layout(image_hw, tile_grid_size=grid, pinpoints=pinpoints, tile_size=size,
-                                  max_tiles=max_tiles, newline=True)
+        lay = anyres.encoder_image_layout(tower, image_hw, max_tiles=max_tiles, max_grid=max_grid)
+        grid = lay.tile_grid
         flops = laco.encoder_cost(tower, size).total_flops * lay.num_inputs
         out.update(tiles=list(lay.tiles), encoder_inputs=lay.num_inputs)
         out[key] = {"tile_grid": list(grid), "tokens": lay.num_tokens, "base_tokens": grid[0] * grid[1],

@@ -170,6 +170,20 @@ def image_layout(
     return ImageLayout((rows, cols), g, (top, bottom, left, right), target or unpadded, target is not None, newline)
 
 
+def encoder_image_layout(encoder, image_size: Size, *, max_tiles: int = 9, max_grid: int = 6,
+                         newline: bool = True, tiled: bool = True) -> ImageLayout:
+    """One image's layout for a (compressed) vision encoder with OneVision's default pinpoints.
+
+    Tiles of the encoder's input size S, pinpoints up to ``max_grid`` x ``max_grid`` tiles, ``anyres_max_N``
+    with N = ``max_tiles``, the tile grid the encoder outputs (compressed). What ``laco info --image-size``
+    and ``laco bench --dry-run --image-size`` report (``encoder`` is a ``CompressedVisionEncoder``).
+    """
+    size = encoder.adapter.config.image_size
+    grid = encoder.output_grid(encoder.adapter.grid_for_image_size(size))
+    return image_layout(image_size, tile_grid_size=grid, pinpoints=default_pinpoints(size, max_grid), tile_size=size,
+                        max_tiles=max_tiles, newline=newline, tiled=tiled)
+
+
 def pack_image(features: torch.Tensor, layout: ImageLayout, newline: torch.Tensor | None) -> torch.Tensor:
     """One image's encoder outputs (1 + rows*cols, g*g, D), base first -> its LLM tokens (num_tokens, D).
 
