@@ -39,7 +39,7 @@ def test_load_json_and_jsonl_with_lazy_images(tmp_path, fmt):
     path = write_toy_llava(tmp_path, n=5, fmt=fmt)
     ds = load_llava(path)  # image folder defaults to the data file's folder
     assert len(ds) == 5 and not ds.bad_records
-    assert ds.records.column_names == ["id", "images", "conversations"]
+    assert ds.records.column_names == ["id", "images", "videos", "conversations"]
     assert ds.records[0]["images"] == ["images/00000.png"]  # paths are stored; images opened on access
     s = ds[2]
     assert s["id"] == "toy-00002"
@@ -250,3 +250,108 @@ def test_collator_rejects_bad_settings(processor):
         LlavaCollator(processor, max_length=1)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         LlavaCollator(processor, pad_to_multiple_of=0)
+
+
+# -- video and multi-image (LLaVA-OneVision) ----------------------------------------------------------
+def _frames(folder, n, size=(70, 50)):
+    """``n`` frames of size (W, H) in ``folder``, named so that name order is frame order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (20 * i, 100, 200 - 20 * i)).save(folder / f"{i:05d}.png")
+    return folder.name
+
+
+def test_video_records_load_collate_and_run(tmp_path):
+    """A video as a frame folder (<video>), as a frame list (LLaVA-NeXT's <image> marker), next to an image; token
+    counts from the processor, labels -100 on video tokens, frames sampled uniformly with max_frames."""
+    from laco.model.testing import tiny_onevision
+
+    model, proc = tiny_onevision()
+    _frames(tmp_path / "clip", 5)
+    _image(tmp_path / "a.png")
+    frame_list = [f"clip/{i:05d}.png" for i in (0, 1, 2)]
+    recs = [_rec("folder", None, ("human", "<video>\nWhat happens?"), ("gpt", "It fades.")),
+            {**_rec("list", None, ("human", "<image>\nAnd here?"), ("gpt", "The same.")), "video": frame_list},
+            {**_rec("both", "a.png", ("human", "<image> then <video>"), ("gpt", "Red, then fading.")),
+             "videos": ["clip"]}]
+    recs[0]["video"] = "clip"
+    ds = load_llava(recs, tmp_path, max_frames=3)
+    assert ds.records.column_names == ["id", "images", "videos", "conversations"]
+    assert ds.records[0]["videos"] == [["clip/00000.png", "clip/00002.png", "clip/00004.png"]]  # linspace(0, 4, 3)
+    assert ds.records[1]["videos"] == [frame_list] and "<video>" in ds.records[1]["conversations"][0]["value"]
+    s = ds[2]
+    assert len(s["images"]) == 1 and [len(v) for v in s["videos"]] == [3] and s["videos"][0][0].size == (70, 50)
+    batch = LlavaCollator(proc, 512)([ds[i] for i in range(3)])
+    assert batch["pixel_values_videos"].shape == (3, 3, 3, 64, 64)
+    per_video = proc.video_tokens(3)
+    assert per_video == 3 * 16 + 1  # 4x4 tokens per frame (LaCo r=2 inside), one newline for the video
+    video_id = model.config.video_token_id
+    assert (batch["input_ids"] == video_id).sum(-1).tolist() == [per_video] * 3
+    assert (batch["input_ids"] == proc.image_token_id).sum(-1).tolist() == [0, 0, proc.image_tokens((64, 64))]
+    assert not (batch["labels"][batch["input_ids"] == video_id] != IGNORE_INDEX).any()
+    assert (batch["labels"] != IGNORE_INDEX).any(-1).all()
+    # the frames are the processor's own preprocessing of the decoded frames, in order
+    expected = proc(text="<video>", videos=[s["videos"][0]])["pixel_values_videos"][0]
+    assert torch.equal(batch["pixel_values_videos"][2], expected)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    # videos of different lengths in one batch: a list, which the model takes too
+    mixed = load_llava(recs[:2], tmp_path, max_frames=None)
+    batch = LlavaCollator(proc, 512)([mixed[0], mixed[1]])
+    assert [v.shape[0] for v in batch["pixel_values_videos"]] == [5, 3]
+    assert (batch["input_ids"] == video_id).sum(-1).tolist() == [proc.video_tokens(5), proc.video_tokens(3)]
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+VIDEO_BAD = {
+    "missing-frame": ({"video": ["clip/00000.png", "clip/00009.png"]}, "<video>", "video 0 frame 1: image file not found"),
+    "missing-folder": ({"video": "nowhere"}, "<video>", "video frame folder not found"),
+    "empty-folder": ({"video": "empty"}, "<video>", "holds no image files"),
+    "video-file": ({"video": "movie.mp4"}, "<video>", "video files are not decoded"),
+    "placeholders": ({"video": "clip"}, "<video> <video>", "2 '<video>' placeholder(s) but 1 video(s)"),
+    "no-placeholder": ({"video": "clip"}, "plain text", "0 '<video>' placeholder(s) but 1 video(s)"),
+    "bad-field": ({"video": 3}, "<video>", "'video' must be a frame folder"),
+    "bad-videos": ({"videos": "clip"}, "<video>", "'videos' must be a list of videos"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIDEO_BAD))
+def test_bad_video_records_are_named(tmp_path, case):
+    _frames(tmp_path / "clip", 2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "movie.mp4").write_bytes(b"\x00")
+    extra, text, reason = VIDEO_BAD[case]
+    rec = {**_rec("v1", None, ("human", text), ("gpt", "A")), **extra}
+    with pytest.raises(BadRecordError, match="'v1'") as err:
+        load_llava([rec], tmp_path)
+    assert reason in str(err.value)
+
+
+def test_video_in_an_assistant_turn_and_without_a_video_model(tmp_path, processor):
+    _frames(tmp_path / "clip", 2)
+    rec = {**_rec("v2", None, ("human", "Q"), ("gpt", "<video>")), "video": "clip"}
+    with pytest.raises(BadRecordError, match="contains '<video>'"):
+        load_llava([rec], tmp_path)
+    # a model without a video token: the collator names the sample and says so
+    rec = {**_rec("v3", None, ("human", "<video> Q"), ("gpt", "A")), "video": "clip"}
+    ds = load_llava([rec], tmp_path)
+    with pytest.raises(ValueError, match="sample 'v3'.*takes no video"):
+        LlavaCollator(processor, 256)([ds[0]])
+
+
+def test_frame_that_fails_to_decode_later(tmp_path, caplog):
+    from laco.model.testing import tiny_onevision
+
+    _frames(tmp_path / "clip", 2)
+    (tmp_path / "clip" / "00001.png").write_bytes(b"garbage")
+    rec = {**_rec("late", None, ("human", "<video> Q"), ("gpt", "A")), "video": "clip"}
+    with pytest.raises(BadRecordError, match="'late'.*video 0 frame cannot be decoded"):
+        load_llava([rec], tmp_path, check_images="exists")[0]
+    lenient = load_llava([rec], tmp_path, check_images="exists", on_bad_record="skip")
+    with caplog.at_level(logging.WARNING):
+        assert lenient[0] is None
+    _, proc = tiny_onevision()
+    collate = LlavaCollator(proc, 256)
+    assert collate([lenient[0]])["input_ids"].shape[0] == 0 and collate.stats.dropped_bad == 1

@@ -232,14 +232,9 @@ def test_laco_post_tiles_are_avg_pools_of_source_tiles(laco_post, h, w):
 @pytest.mark.parametrize("pooling", [False, True])
 def test_video_processor_counts_and_runs(pooling):
     """A list of frames or a (T, H, W, 3) array per <video>: T frames x tokens per frame + 1 newline."""
-    from laco.model.processing import LaCoProcessor
-    from laco.model.testing import tiny_laco_model
+    from laco.model.testing import tiny_onevision
 
-    tok = tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<video>"]})
-    model = tiny_laco_model(text={"vocab_size": len(tok)}, video_token_id=tok.convert_tokens_to_ids("<video>"),
-                            use_image_newline=True, video_pooling=pooling)
-    proc = LaCoProcessor.from_model_config(model.config, tok)
+    model, proc = tiny_onevision(video_pooling=pooling)
     frames = np.random.default_rng(0).integers(0, 256, (3, 50, 70, 3), dtype=np.uint8)
     batch = proc(text=["a <video> b", "c <video>"], videos=[frames, list(frames)])
     per_frame = 2 * 2 if pooling else 4 * 4  # the tiny tower gives 4x4 tokens per frame (LaCo r=2 inside)

@@ -386,6 +386,58 @@ def test_cli_train_and_its_errors(tmp_path, monkeypatch, capsys):
     assert "unknown group 'vit'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_train_stage1_on_onevision_video_and_multi_image(tmp_path, monkeypatch, capsys):
+    """`laco train` stage 1 on a tiny OneVision-layout model (AnyRes, image_newline, <video>) saved to a folder,
+    with a video sample (a frame folder, max_frames from the YAML), a 2-image sample and a tiled image sample:
+    the PML, projector and image_newline train, nothing else; the trained folder loads and runs a video."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from laco.cli import main
+    from laco.model.testing import tiny_onevision
+
+    model, processor = tiny_onevision()
+    model.save_pretrained(tmp_path / "ov")
+    processor.save_pretrained(tmp_path / "ov")
+    data = tmp_path / "data"
+    (data / "clip").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (80, 48), (40 * i, 90, 250 - 40 * i)).save(data / "clip" / f"{i:03d}.jpg")
+    Image.new("RGB", (128, 64), (200, 30, 30)).save(data / "wide.png")  # 1x2 tiles + base when alone
+    Image.new("RGB", (50, 70), (30, 30, 200)).save(data / "tall.png")
+    records = [
+        {"id": "video", "video": "clip", "conversations": [{"from": "human", "value": "<video>\nWhat changes?"},
+                                                            {"from": "gpt", "value": "The colour."}]},
+        {"id": "pair", "image": ["wide.png", "tall.png"], "conversations": [
+            {"from": "human", "value": "<image> or <image>: which is red?"}, {"from": "gpt", "value": "The first."}]},
+        {"id": "one", "image": "wide.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                              {"from": "gpt", "value": "Red."}]},
+    ]
+    (data / "train.json").write_text(json.dumps(records))
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"pretrained": str(tmp_path / "ov")}, "progress": False,
+           "data": {"path": str(data / "train.json"), "max_frames": 4, "max_length": 512},
+           "stages": [{"name": "align", "trainable": ALIGN, "max_steps": 2, "batch_size": 3, "learning_rate": 1e-2,
+                       "warmup_steps": 0}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(sys, "argv", ["laco", "train", str(tmp_path / "run.yaml")])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    assert "final model in" in capsys.readouterr().out
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "align").eval()
+    before, after = model.state_dict(), trained.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "image_newline" in changed and any(k.startswith("vision_tower.compressors.") for k in changed)
+    assert any(k.startswith("projector.") for k in changed)
+    assert all(k.startswith(("vision_tower.compressors.", "projector.", "image_newline")) for k in changed), changed
+    proc = AutoProcessor.from_pretrained(tmp_path / "run" / "align")
+    frames = [Image.open(data / "clip" / f"{i:03d}.jpg") for i in range(4)]
+    batch = proc(text="<video>\nWhat changes?", videos=[frames])
+    assert int((batch["input_ids"] == trained.config.video_token_id).sum()) == proc.video_tokens(4) == 4 * 16 + 1
+    with torch.no_grad():
+        assert trained(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+
+
 # -- slow: real processes ----------------------------------------------------------------------------
 SLOW_SCRIPT = """
 import sys, time, torch

@@ -6,21 +6,23 @@ For one sample (``{"id", "images", "messages"}`` from ``LlavaDataset``):
    assistant turn is ``render(messages[:i+1])`` minus ``render(messages[:i], add_generation_prompt=True)``
    (for ChatML: ``"answer<|im_end|>\\n"``). A template that does not render prefixes consistently is
    a ValueError, not a silently mislabelled sample.
-2. The processor tokenises each segment, expanding every ``<image>`` into the model's image-token count
-   (``num_image_tokens``, times the tile count under AnyRes) and preprocessing the images; segments are
+2. The processor tokenises each segment, expanding every ``<image>`` into its image's token count and every
+   ``<video>`` into its video's (``LaCoProcessor.image_tokens`` / ``video_tokens``: AnyRes tiles, newlines,
+   frames) and preprocessing the images and frames; segments are
    concatenated (chat templates put special tokens at every segment boundary, so this equals
    tokenising the whole text; tested).
 3. ``labels`` are the token ids inside assistant turns and ``-100`` everywhere else (system, user,
-   template scaffolding, image tokens, padding).
+   template scaffolding, image and video tokens, padding).
 4. Longer than ``max_length``: ``on_overflow="truncate"`` cuts tokens from the right with a warning,
-   but never inside or before an image's tokens (the image count must match ``pixel_values``):
+   but never inside or before an image's or video's tokens (the counts must match the pixels):
    such a sample, or one left with no assistant token, is dropped with a warning; ``"drop"`` drops
    every overlong sample; ``"raise"`` raises a ValueError naming the sample.
 
 A batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T), right-padded to the longest sample
 (optionally to a multiple of ``pad_to_multiple_of``), and ``pixel_values`` (n_images, 3, H, W) in
 placeholder order, only when the batch has images; under AnyRes also ``image_sizes`` (n_images, 2) and
-``batch_num_images`` (images per sample that has any). Samples that are ``None`` (an image that failed
+``batch_num_images`` (images per sample that has any); with videos ``pixel_values_videos`` (n_videos, T, 3, H, W)
+in placeholder order (a list of (T_i, 3, H, W) when the frame counts differ; the model takes both). Samples that are ``None`` (an image that failed
 to decode with ``on_bad_record="skip"``) or dropped are counted in ``collator.stats``.
 """
 
@@ -41,13 +43,14 @@ IGNORE_INDEX = -100
 @dataclass
 class EncodedSample:
     """One tokenised sample. ``input_ids``/``labels``: (T,) long; ``pixel_values``: (n_tiles, 3, H, W) or None;
-    ``image_sizes``: (n_images, 2) original (H, W) under AnyRes, else None."""
+    ``image_sizes``: (n_images, 2) original (H, W) under AnyRes, else None; ``videos``: one (T, 3, H, W) per video."""
 
     id: str
     input_ids: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor | None = None
     image_sizes: torch.Tensor | None = None
+    videos: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
@@ -94,6 +97,9 @@ class LlavaCollator:
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no token for the image placeholder {self.image_token!r}")
+        self.video_token: str | None = getattr(processor, "video_token", None)
+        video_id = getattr(processor, "video_token_id", None)
+        self.media_token_ids = [self.image_token_id] + ([video_id] if video_id is not None else [])
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before training")
@@ -138,17 +144,24 @@ class LlavaCollator:
         count of each image under AnyRes) and preprocesses its images, checking the counts.
         """
         images = list(sample.get("images") or [])
+        videos = list(sample.get("videos") or [])
         ids: list[int] = []
         labels: list[int] = []
         pixels: list[torch.Tensor] = []
         sizes: list[torch.Tensor] = []
-        used = 0
+        clips: list[torch.Tensor] = []
+        used = v_used = 0
         for text, is_assistant in self.segments(sample["messages"]):
             n = text.count(self.image_token)
-            # the sample's image count (not the segment's) decides AnyRes tiling: OneVision tiles lone images only
-            enc = self.processor(text=[text], images=images[used : used + n] or None, return_tensors=None,
-                                 padding=False, add_special_tokens=False, multi_image=len(images) > 1)
-            used += n
+            m = text.count(self.video_token) if self.video_token else 0
+            try:
+                # the sample's image count (not the segment's) decides AnyRes tiling: OneVision tiles lone images only
+                enc = self.processor(text=[text], images=images[used : used + n] or None,
+                                     videos=videos[v_used : v_used + m] or None, return_tensors=None, padding=False,
+                                     add_special_tokens=False, multi_image=len(images) > 1)
+            except ValueError as err:
+                raise ValueError(f"sample {sample.get('id')!r}: {err}") from None
+            used, v_used = used + n, v_used + m
             tok = list(enc["input_ids"][0])
             ids += tok
             labels += tok if is_assistant else [IGNORE_INDEX] * len(tok)
@@ -156,37 +169,45 @@ class LlavaCollator:
                 pixels.append(torch.as_tensor(enc["pixel_values"]))
                 if "image_sizes" in enc:
                     sizes.append(torch.as_tensor(enc["image_sizes"]))
-        if used != len(images):
-            raise ValueError(f"sample {sample.get('id')!r}: {used} {self.image_token!r} placeholder(s) but {len(images)} image(s)")
+            if m:
+                clips += list(torch.as_tensor(enc["pixel_values_videos"]))  # m x (T, 3, H, W)
+        for token, n_used, items, what in ((self.image_token, used, images, "image"),
+                                           (self.video_token or "<video>", v_used, videos, "video")):
+            if n_used != len(items):
+                raise ValueError(f"sample {sample.get('id')!r}: {n_used} {token!r} placeholder(s) but "
+                                 f"{len(items)} {what}(s)" + ("" if self.video_token or what == "image" else
+                                                              " (the model takes no video)"))
         input_ids = torch.tensor(ids, dtype=torch.long)
         label_t = torch.tensor(labels, dtype=torch.long)
-        is_image = input_ids == self.image_token_id
-        label_t[is_image] = IGNORE_INDEX
+        is_media = torch.isin(input_ids, torch.tensor(self.media_token_ids))  # image and video token positions
+        label_t[is_media] = IGNORE_INDEX
         pixel_values = torch.cat(pixels) if pixels else None
-        enc = EncodedSample(str(sample.get("id")), input_ids, label_t, pixel_values, torch.cat(sizes) if sizes else None)
+        enc = EncodedSample(str(sample.get("id")), input_ids, label_t, pixel_values, torch.cat(sizes) if sizes else None,
+                            tuple(clips))
         if len(input_ids) > self.max_length:
-            enc = self._overflow(enc, is_image)
+            enc = self._overflow(enc, is_media)
         if enc is not None and not bool((enc.labels[1:] != IGNORE_INDEX).any()):
             logger.warning("dropping sample %r: no assistant token left to train on", enc.id)
             self.stats.dropped_no_labels += 1
             return None
         return enc
 
-    def _overflow(self, enc: EncodedSample, is_image: torch.Tensor) -> EncodedSample | None:
+    def _overflow(self, enc: EncodedSample, is_media: torch.Tensor) -> EncodedSample | None:
         n = len(enc.input_ids)
         where = f"sample {enc.id!r} has {n} tokens > max_length {self.max_length}"
         if self.on_overflow == "raise":
             raise ValueError(f"{where} (on_overflow='raise')")
-        last_image_end = int(is_image.nonzero().max()) + 1 if bool(is_image.any()) else 0
+        last_image_end = int(is_media.nonzero().max()) + 1 if bool(is_media.any()) else 0
         if self.on_overflow == "drop" or last_image_end > self.max_length:
-            why = "" if self.on_overflow == "drop" else f"; truncation would cut image tokens (they end at {last_image_end})"
+            why = "" if self.on_overflow == "drop" else \
+                f"; truncation would cut image tokens (or video tokens; they end at {last_image_end})"
             logger.warning("dropping %s%s", where, why)
             self.stats.dropped_overflow += 1
             return None
         logger.warning("truncating %s", where)
         self.stats.truncated += 1
         m = self.max_length
-        return EncodedSample(enc.id, enc.input_ids[:m], enc.labels[:m], enc.pixel_values, enc.image_sizes)
+        return EncodedSample(enc.id, enc.input_ids[:m], enc.labels[:m], enc.pixel_values, enc.image_sizes, enc.videos)
 
     # -- batch ----------------------------------------------------------------------------------
     def __call__(self, samples: Sequence[dict | None]) -> dict[str, Any]:
@@ -225,4 +246,7 @@ class LlavaCollator:
         if sizes:  # AnyRes: original sizes, and images per sample (a sample with several is not tiled)
             batch["image_sizes"] = torch.cat(sizes)  # (n_images_total, 2)
             batch["batch_num_images"] = torch.tensor([len(s) for s in sizes], dtype=torch.long)
+        clips = [c for e in encoded for c in e.videos]
+        if clips:  # placeholder order; stacked when every video has as many frames
+            batch["pixel_values_videos"] = torch.stack(clips) if len({c.shape for c in clips}) == 1 else clips
         return batch

@@ -7,6 +7,14 @@ A record (LLaVA / LLaVA-OneVision JSON or JSONL)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}, ...]}
 
+Several images: ``"image": ["a.jpg", "b.jpg"]`` with one ``<image>`` per image, in order, in any user turns.
+A video (LLaVA-OneVision): ``"video"``: a folder of frames (image files, in name order) or a list of frame
+files, with one ``<video>`` placeholder (``"videos"``: a list of such videos, one ``<video>`` each). As in
+LLaVA-NeXT's video data, a record with a video, no image and no ``<video>`` may mark the video with
+``<image>``: it is rewritten to ``<video>``. Video files (.mp4, ...) are not decoded here: extract the frames
+(``ffmpeg -i v.mp4 v/%05d.jpg``). ``max_frames`` keeps that many frames, sampled uniformly (LLaVA's
+``frames_upbound``: ``np.linspace(0, T - 1, max_frames)``); frame paths are stored after that choice.
+
 ``load_llava(source, image_folder)`` accepts a ``.json`` (a list of records) or ``.jsonl`` file, an
 in-memory list of records, or a ``datasets.Dataset`` with those columns. Every record is checked
 before any training; a bad one is reported with its id and then skipped or raised
@@ -15,7 +23,9 @@ before any training; a bad one is reported with its id and then skipped or raise
 * malformed conversation: not a list of ``{"from", "value"}`` turns, an unknown role, turns not
   alternating user/assistant (after an optional system turn), no assistant turn, ``<image>`` in an
   assistant or system turn;
-* the number of ``<image>`` placeholders differs from the number of images;
+* the number of ``<image>`` placeholders differs from the number of images (``<video>``: of videos);
+* a video frame folder is missing or holds no image files, a video is given as a video file, or a
+  frame file is missing or cannot be opened (checked as images are);
 * an image file is missing or cannot be opened (``check_images="open"``: PIL reads the header and
   ``verify()``s the file; ``"exists"``: only a stat; ``"none"``: no check). An image that still fails to
   decode when a sample is read is handled the same way: ``"skip"`` yields ``None`` (the collator drops
@@ -23,9 +33,9 @@ before any training; a bad one is reported with its id and then skipped or raise
 
 Records are parsed in Python first (so a bad record can be named by its id, which arrow's JSON
 reader cannot do), then stored as a ``datasets.Dataset`` with a fixed schema
-(``id: str, images: list[str], conversations: list[{from, value}]``); images are opened only when
-a sample is read. Where ``datasets`` is not installed (the lent GPU image has none), they stay a plain
-list of those dicts: indexing and ``len`` behave the same.
+(``id: str, images: list[str], videos: list[list[str]], conversations: list[{from, value}]``); images and
+frames are opened only when a sample is read. Where ``datasets`` is not installed (the lent GPU image has none),
+they stay a plain list of those dicts: indexing and ``len`` behave the same.
 """
 
 from __future__ import annotations
@@ -79,6 +89,7 @@ def _features():
         {
             "id": Value("string"),
             "images": Sequence(Value("string")),
+            "videos": Sequence(Sequence(Value("string"))),  # per video: its frame files, in order
             "conversations": [{"from": Value("string"), "value": Value("string")}],
         }
     )
@@ -116,8 +127,28 @@ def _record_id(record: Any, index: int) -> str:
     return str(rid) if rid is not None else f"#{index}"
 
 
-def normalize_record(record: Any, index: int, image_token: str = "<image>") -> dict:
-    """Validate a record's structure and return it as ``{"id", "images", "conversations"}``.
+def _videos_field(record: dict) -> list[list[str]] | str:
+    """``video`` (one video) / ``videos`` (a list) -> a list of videos, each ``[folder]`` or its frame files;
+    a string is the reason the field is malformed."""
+    def one(v) -> list[str] | None:
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+            return list(v)
+        return None
+
+    if record.get("video") is not None:
+        video = one(record["video"])
+        return [video] if video else f"'video' must be a frame folder or a non-empty list of frame files, got {record['video']!r}"
+    if record.get("videos") is not None:
+        vids = record["videos"]
+        out = [one(v) for v in vids] if isinstance(vids, list) else [None]
+        return out if all(out) else f"'videos' must be a list of videos (each a frame folder or a list of frame files), got {vids!r}"
+    return []
+
+
+def normalize_record(record: Any, index: int, image_token: str = "<image>", video_token: str = "<video>") -> dict:
+    """Validate a record's structure and return it as ``{"id", "images", "videos", "conversations"}``.
 
     Raises ``BadRecordError`` (with the record id) for a malformed record. Image files are not touched.
     """
@@ -139,6 +170,11 @@ def normalize_record(record: Any, index: int, image_token: str = "<image>") -> d
         raise bad(f"'image' must be a path or a list of paths, got {image!r}")
     if any(not p.strip() for p in images):
         raise bad("'image' holds an empty path")
+    videos = _videos_field(record)
+    if isinstance(videos, str):
+        raise bad(videos)
+    if any(not p.strip() for v in videos for p in v):
+        raise bad("a video holds an empty path")
 
     conv = record.get("conversations")
     if not isinstance(conv, list) or not conv:
@@ -158,13 +194,18 @@ def normalize_record(record: Any, index: int, image_token: str = "<image>") -> d
         raise bad(f"turns must alternate user/assistant starting with the user (after an optional system turn), got {roles}")
     if "assistant" not in body:
         raise bad("no assistant turn: nothing to train on")
+    count = lambda token: sum(t["value"].count(token) for t in turns)  # noqa: E731
+    if videos and not images and not count(video_token) and count(image_token) == len(videos):
+        # LLaVA-NeXT video data marks the video with <image>
+        turns = [{**t, "value": t["value"].replace(image_token, video_token)} for t in turns]
     for t, (role, turn) in enumerate(zip(roles, turns)):
-        if role != "user" and image_token in turn["value"]:
-            raise bad(f"turn {t} ({turn['from']}) contains {image_token!r}; images belong in user turns")
-    n_placeholders = sum(t["value"].count(image_token) for t in turns)
-    if n_placeholders != len(images):
-        raise bad(f"{n_placeholders} {image_token!r} placeholder(s) but {len(images)} image(s)")
-    return {"id": rid, "images": images, "conversations": turns}
+        for token, what in ((image_token, "images"), (video_token, "videos")):
+            if role != "user" and token in turn["value"]:
+                raise bad(f"turn {t} ({turn['from']}) contains {token!r}; {what} belong in user turns")
+    for token, items, what in ((image_token, images, "image"), (video_token, videos, "video")):
+        if count(token) != len(items):
+            raise bad(f"{count(token)} {token!r} placeholder(s) but {len(items)} {what}(s)")
+    return {"id": rid, "images": images, "videos": videos, "conversations": turns}
 
 
 def resolve_image_path(path: str, image_folder: str | os.PathLike | None) -> Path:
@@ -188,12 +229,44 @@ def check_image(path: Path, how: ImageCheck = "open") -> str | None:
     return None
 
 
+VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v", ".mpg", ".mpeg")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def sample_frames(num_frames: int, max_frames: int | None) -> list[int]:
+    """Indices of the frames kept: all, or ``max_frames`` spread uniformly (LLaVA's ``frames_upbound``)."""
+    if max_frames is None or num_frames <= max_frames:
+        return list(range(num_frames))
+    import numpy as np
+
+    return np.linspace(0, num_frames - 1, max_frames, dtype=int).tolist()
+
+
+def resolve_video(video: list[str], image_folder: str | os.PathLike | None, max_frames: int | None = None) -> list[str]:
+    """One video's frame paths (as stored: relative to ``image_folder`` when given so): a ``[folder]`` becomes its
+    image files in name order; ``max_frames`` samples them uniformly. ValueError: no frames, a video file."""
+    if len(video) == 1:
+        path = resolve_image_path(video[0], image_folder)
+        if path.suffix.lower() in VIDEO_FILE_SUFFIXES:
+            raise ValueError(f"video files are not decoded: extract the frames to a folder (e.g. ffmpeg -i {path.name} "
+                             f"frames/%05d.jpg) and give that folder or the frame list: {path}")
+        if path.is_dir():
+            names = sorted(p.name for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+            if not names:
+                raise ValueError(f"video frame folder holds no image files ({', '.join(FRAME_SUFFIXES)}): {path}")
+            video = [str(Path(video[0]) / n) for n in names]
+        elif not path.suffix:
+            raise ValueError(f"video frame folder not found: {path}")
+    return [video[i] for i in sample_frames(len(video), max_frames)]
+
+
 class LlavaDataset(Dataset):
     """Validated LLaVA records (a ``datasets.Dataset`` in ``.records``) with lazily opened images.
 
-    ``dataset[i]`` is ``{"id": str, "images": [PIL.Image RGB, ...], "messages": [{"role", "content"}]}``
-    (``role`` in system/user/assistant, ``content`` the text with ``<image>`` placeholders), or ``None``
-    when an image fails to decode and ``on_bad_record="skip"``. ``.bad_records`` lists every rejected
+    ``dataset[i]`` is ``{"id": str, "images": [PIL.Image RGB, ...], "videos": [[frame PIL.Image, ...], ...],
+    "messages": [{"role", "content"}]}`` (``role`` in system/user/assistant, ``content`` the text with
+    ``<image>`` / ``<video>`` placeholders), or ``None`` when an image or frame fails to decode and
+    ``on_bad_record="skip"``. ``.bad_records`` lists every rejected
     record (at load time and, appended, while reading).
     """
 
@@ -205,32 +278,40 @@ class LlavaDataset(Dataset):
         on_bad_record: OnBadRecord = "raise",
         bad_records: Sequence[BadRecord] = (),
         image_token: str = "<image>",
+        video_token: str = "<video>",
     ):
         self.records = records  # datasets.Dataset with the fixed schema (a list of dicts without `datasets`)
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.on_bad_record = on_bad_record
         self.bad_records: list[BadRecord] = list(bad_records)
         self.image_token = image_token
+        self.video_token = video_token
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict | None:
         rec = self.records[int(i)]
-        images = []
-        for p in rec["images"]:
-            path = resolve_image_path(p, self.image_folder)
-            try:
-                images.append(open_image(path))
-            except Exception as err:
-                bad = BadRecord(int(i), rec["id"], f"image cannot be decoded: {path} ({type(err).__name__}: {err})")
-                if self.on_bad_record == "raise":
-                    raise BadRecordError(bad) from err
-                logger.warning("skipping %s", bad)
-                self.bad_records.append(bad)
-                return None
+        try:
+            images = [self._open(int(i), rec, p, "image") for p in rec["images"]]
+            videos = [[self._open(int(i), rec, p, f"video {k} frame") for p in frames]
+                      for k, frames in enumerate(rec.get("videos") or [])]
+        except BadRecordError as err:
+            if self.on_bad_record == "raise":
+                raise
+            logger.warning("skipping %s", err.record)
+            self.bad_records.append(err.record)
+            return None
         messages = [{"role": ROLE_MAP[t["from"]], "content": t["value"]} for t in rec["conversations"]]
-        return {"id": rec["id"], "images": images, "messages": messages}
+        return {"id": rec["id"], "images": images, "videos": videos, "messages": messages}
+
+    def _open(self, i: int, rec: dict, p: str, what: str):
+        path = resolve_image_path(p, self.image_folder)
+        try:
+            return open_image(path)
+        except Exception as err:
+            raise BadRecordError(BadRecord(i, rec["id"], f"{what} cannot be decoded: {path} "
+                                                          f"({type(err).__name__}: {err})")) from err
 
     def write_report(self, path: str | os.PathLike) -> None:
         """Write the rejected records as JSONL (one ``{"index", "id", "reason"}`` a line)."""
@@ -262,6 +343,8 @@ def load_llava(
     on_bad_record: OnBadRecord = "raise",
     check_images: ImageCheck = "open",
     image_token: str = "<image>",
+    video_token: str = "<video>",
+    max_frames: int | None = None,
     progress: bool = True,
 ) -> LlavaDataset:
     """Load and validate LLaVA-format records; see the module docstring.
@@ -272,12 +355,15 @@ def load_llava(
             folder for a path source, else the current directory).
         on_bad_record: ``"raise"`` stops at the first bad record with a ``BadRecordError`` naming it;
             ``"skip"`` logs each one, drops it and keeps it in ``dataset.bad_records``.
-        check_images: ``"open"`` (default), ``"exists"`` or ``"none"``.
+        check_images: ``"open"`` (default), ``"exists"`` or ``"none"`` (video frames too).
+        max_frames: frames kept per video, sampled uniformly (None: all).
     """
     if on_bad_record not in BAD_RECORD_POLICIES:
         raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
     if check_images not in IMAGE_CHECKS:
         raise ValueError(f"check_images must be one of {IMAGE_CHECKS}, got {check_images!r}")
+    if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 1):
+        raise ValueError(f"max_frames must be a positive int or None, got {max_frames!r}")
     if image_folder is None and isinstance(source, (str, os.PathLike)):
         image_folder = Path(source).parent
     if image_folder is not None and not Path(image_folder).is_dir():
@@ -292,11 +378,17 @@ def load_llava(
     seen_ids: set[str] = set()
     for index, record in enumerate(tqdm(raw, total=total, desc="checking records", disable=not progress or not total or total < 1000)):
         try:
-            rec = normalize_record(record, index, image_token)
-            for p in rec["images"]:
+            rec = normalize_record(record, index, image_token, video_token)
+            try:
+                rec["videos"] = [resolve_video(v, image_folder, max_frames) for v in rec["videos"]]
+            except ValueError as err:
+                raise BadRecordError(BadRecord(index, rec["id"], str(err))) from None
+            checks = [("", p) for p in rec["images"]] + [(f"video {k} frame {j}: ", p)
+                                                          for k, v in enumerate(rec["videos"]) for j, p in enumerate(v)]
+            for what, p in checks:
                 reason = check_image(resolve_image_path(p, image_folder), check_images)
                 if reason:
-                    raise BadRecordError(BadRecord(index, rec["id"], reason))
+                    raise BadRecordError(BadRecord(index, rec["id"], what + reason))
         except BadRecordError as err:
             if on_bad_record == "raise":
                 raise
@@ -314,7 +406,7 @@ def load_llava(
         raise ValueError(f"no usable records in {source if isinstance(source, (str, os.PathLike)) else 'the data'}"
                          f" ({len(bad)} rejected{': ' + str(bad[0]) if bad else ''})")
     return LlavaDataset(_as_records(good), image_folder, on_bad_record=on_bad_record, bad_records=bad,
-                        image_token=image_token)
+                        image_token=image_token, video_token=video_token)
 
 
 def _as_records(good: list[dict]):

@@ -66,6 +66,23 @@ def tiny_laco_processor(config: LaCoConfig | None = None, **kwargs: Any):
     return LaCoProcessor.from_model_config(config or tiny_laco_config(), tiny_tokenizer(), **kwargs)
 
 
+#: tiny pinpoints: 1x1, 1x2, 2x1 tiles of 64 px
+TINY_PINPOINTS = [[64, 64], [64, 128], [128, 64]]
+
+
+def tiny_onevision(seed: int = 0, **config_kwargs: Any):
+    """A tiny LLaVA-OneVision-layout model and its processor: AnyRes (``TINY_PINPOINTS``), ``image_newline``, and a
+    ``<video>`` token added to the tiny tokenizer (id ``TINY_VOCAB_SIZE``). Returns ``(model, processor)``."""
+    from laco.model.processing import LaCoProcessor
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    kw = dict(text={"vocab_size": len(tok)}, video_token_id=tok.convert_tokens_to_ids("<video>"),
+              image_grid_pinpoints=TINY_PINPOINTS, use_image_newline=True)
+    model = tiny_laco_model(seed, **{**kw, **config_kwargs})
+    return model, LaCoProcessor.from_model_config(model.config, tok)
+
+
 def save_tiny_mllm(path, seed: int = 0, **config_kwargs: Any):
     """Save a tiny model and its processor to ``path`` (what ``laco generate`` / ``AutoProcessor`` load)."""
     model = tiny_laco_model(seed=seed, **config_kwargs)

@@ -61,6 +61,7 @@ class DataConfig:
     max_length: int = 2048  # tokens per sample, image tokens included
     on_overflow: Literal["truncate", "drop", "raise"] = "truncate"
     num_workers: int = 0  # DataLoader worker processes
+    max_frames: Optional[int] = None  # frames kept per video, sampled uniformly (LLaVA's frames_upbound); None: all
     # a stage fails when more than this fraction of its samples is dropped (bad records at load, samples
     # over max_length with on_overflow: drop, undecodable images): a run that trains on nothing is an error
     max_dropped_fraction: float = 0.5
@@ -68,6 +69,7 @@ class DataConfig:
     def validate(self, where: str = "data") -> None:
         _check(self.max_length >= 2, f"{where}.max_length must be >= 2, got {self.max_length}")
         _check(self.num_workers >= 0, f"{where}.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.max_frames is None or self.max_frames >= 1, f"{where}.max_frames must be >= 1, got {self.max_frames}")
         _check(0 <= self.max_dropped_fraction <= 1,
                f"{where}.max_dropped_fraction must be in [0, 1], got {self.max_dropped_fraction}")
 

@@ -168,7 +168,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def _resolve_data(train_data: Any, stage: StageConfig, config: RunConfig, image_token: str,
-                  progress: bool) -> tuple[LlavaDataset, DataConfig]:
+                  video_token: str | None, progress: bool) -> tuple[LlavaDataset, DataConfig]:
     dc = config.stage_data(stage) or DataConfig()
     src = train_data.get(stage.name) if isinstance(train_data, Mapping) else train_data
     if src is None:
@@ -178,7 +178,8 @@ def _resolve_data(train_data: Any, stage: StageConfig, config: RunConfig, image_
     if isinstance(src, LlavaDataset):
         return src, dc
     ds = load_llava(src, dc.image_folder, on_bad_record=dc.on_bad_record, check_images=dc.check_images,
-                    image_token=image_token, progress=progress)
+                    image_token=image_token, video_token=video_token or "<video>", max_frames=dc.max_frames,
+                    progress=progress)
     return ds, dc
 
 
@@ -368,7 +369,8 @@ def train(
     acc = accelerator or make_accelerator(config)
     _check_sharding(acc, config)
     # load and check every stage's data before any training
-    data = [_resolve_data(train_data, s, config, processor.image_token, config.progress and acc.is_main_process)
+    data = [_resolve_data(train_data, s, config, processor.image_token, getattr(processor, "video_token", None),
+                          config.progress and acc.is_main_process)
             for s in config.stages]
     lock = _prepare_output(acc, config, resume)
     try:
@@ -602,9 +604,11 @@ def _optimizer_step(acc, model, optimizer, window: list[dict], stage: StageConfi
             else:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
-                            batch_num_images=batch.get("batch_num_images"), use_cache=False)
+                            batch_num_images=batch.get("batch_num_images"),
+                            pixel_values_videos=batch.get("pixel_values_videos"), use_cache=False)
                 loss = token_loss_sum(out.logits, batch["labels"])
-                if batch.get("pixel_values") is None:  # text-only: the image path (maybe all that trains) unused
+                if batch.get("pixel_values") is None and batch.get("pixel_values_videos") is None:
+                    # text-only: the image path (maybe all that trains) unused
                     loss = loss + _zero_loss(model)
             loss_sum += loss.detach().double()
             acc.backward(loss * scale)
