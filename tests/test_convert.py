@@ -279,6 +279,72 @@ def test_laco_train_stage1_from_converted_dir(converted, tmp_path):
                                                                                      [prompt], images, 6)
 
 
+def test_onevision_image_newline_maps_from_both_key_layouts(tmp_path):
+    """LLaVA-OneVision checkpoints name the newline ``image_newline`` (the hub's layout, which transformers 5 also
+    writes) or ``model.image_newline`` (with ``model.vision_tower`` / ``model.multi_modal_projector`` /
+    ``model.language_model`` / ``lm_head``, as transformers 4.52-4.57 saved them). Both convert to the source's
+    tensor, and every carried weight is the same."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_source(tmp_path / "hub", "llava_onevision")
+    hub = load_file(tmp_path / "hub" / "model.safetensors")
+    assert "image_newline" in hub and "model.image_newline" not in hub  # what save_pretrained writes here
+    renames = (("image_newline", "model.image_newline"), ("vision_tower.", "model.vision_tower."),
+               ("multi_modal_projector.", "model.multi_modal_projector."),
+               ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
+
+    def new_key(k: str) -> str:
+        return next((b + k[len(a):] for a, b in renames if k.startswith(a)), k)
+
+    (tmp_path / "new").mkdir()
+    for f in (tmp_path / "hub").iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / "new" / f.name).write_bytes(f.read_bytes())
+    new = {new_key(k): v.contiguous() for k, v in hub.items()}
+    assert "model.image_newline" in new and not any(k.startswith(("vision_tower", "language_model")) for k in new)
+    save_file(new, tmp_path / "new" / "model.safetensors", metadata={"format": "pt"})
+    states = {}
+    for name in ("hub", "new"):
+        convert_checkpoint(tmp_path / name, tmp_path / f"out-{name}", layer=1, ratio=2)
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / f"out-{name}")
+        assert torch.equal(model.image_newline, src.model.image_newline)
+        states[name] = model.state_dict()
+    carried = [k for k in states["hub"] if not k.startswith("vision_tower.compressors.")]  # the new PML is random
+    assert set(states["hub"]) == set(states["new"])
+    assert all(torch.equal(states["hub"][k], states["new"][k]) for k in carried)
+
+
+@pytest.mark.parametrize("processor_type", ["LlavaOnevisionImageProcessorPil", "LlavaOnevisionImageProcessor"])
+def test_converted_onevision_processor_pixels_equal_the_source_processor(tmp_path, processor_type):
+    """AutoProcessor from a converted OneVision folder gives the source image processor's pixel_values (base image
+    first, then the tiles) and image_sizes, bit for bit, for a wide and a tall image. The source ships its own
+    statistics (CLIP's, not SigLIP's) and, as on the hub, may name the torchvision class."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+    pinpoints = [[64, 64], [64, 128], [128, 64], [128, 128]]
+    save_source(tmp_path / "src", "llava_onevision", image_grid_pinpoints=pinpoints)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    LlavaOnevisionImageProcessorPil(size={"height": 64, "width": 64}, image_grid_pinpoints=pinpoints, image_mean=mean,
+                                    image_std=std).save_pretrained(tmp_path / "src")
+    cfg_path = tmp_path / "src" / "preprocessor_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "image_processor_type": processor_type}))
+    source = LlavaOnevisionImageProcessorPil.from_pretrained(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", layer=1, ratio=2)
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    rng = np.random.default_rng(0)
+    for hw, tiles in (((40, 110), (1, 2)), ((120, 50), (2, 1))):
+        image = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+        ref = source(images=[image], return_tensors="pt")
+        ours = processor(text="<image>\nWhat?", images=[image], return_tensors="pt")
+        n = processor.image_layout(hw).num_inputs
+        assert processor.image_layout(hw).tiles == tiles and n == 1 + tiles[0] * tiles[1]
+        assert ours["pixel_values"].shape == (n, 3, 64, 64)
+        assert torch.equal(ours["pixel_values"], ref["pixel_values"][0, :n])
+        assert torch.equal(ours["image_sizes"], ref["image_sizes"]) and ours["image_sizes"].tolist() == [list(hw)]
+
+
 def test_real_shapes_llava_onevision_0_5b_on_meta():
     """llava-onevision-qwen2-0.5b-ov-hf shapes (SigLIP-so400m with its last layer removed, 26 run, read at -1
     un-normed; Qwen2-0.5B, tied): merge after layer 7 (26/4 = 6.5 rounds up), 27x27 -> 14x14 = 196 tokens."""

@@ -86,3 +86,22 @@ def test_laco_info_anyres_image_size():
     assert "2x3 tiles + base = 7 encoder inputs" in res.output
     res = runner.invoke(app, ["info", "--image-size", "12x"])
     assert res.exit_code != 0
+
+
+def test_laco_info_video_frames():
+    """--frames T: OneVision's video budget (uncompressed tower, 2x2 pooling after the projector) against the
+    compressed tower without and with that pooling; one newline per video; the encoder runs once per frame."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["info", "-e", "siglip-so400m-384", "--frames", "32", "-l", "1/4", "--json"])
+    assert res.exit_code == 0, res.output
+    vid = json.loads(res.output)["video"]
+    assert vid["onevision"]["tokens"] == 32 * 14 * 14 + 1  # ceil(27 / 2) = 14 after pooling
+    assert vid["with"]["tokens"] == 32 * 14 * 14 + 1 and vid["with_pooling"]["tokens"] == 32 * 7 * 7 + 1
+    with torch.device("meta"):
+        enc = laco.compress_encoder(laco.create_vision_encoder("siglip-so400m-384"), "laco", layer="1/4", ratio=2)
+        full = laco.compress_encoder(laco.create_vision_encoder("siglip-so400m-384"), "none")
+    assert vid["with"]["encoder_gflops"] == pytest.approx(32 * laco.encoder_cost(enc).total_flops / 1e9)
+    assert vid["onevision"]["encoder_gflops"] == pytest.approx(32 * laco.encoder_cost(full).total_flops / 1e9)
+    res = runner.invoke(app, ["info", "--frames", "32"])
+    assert "7x7 tokens per frame, LLM tokens 1569" in " ".join(res.output.split())
+    assert runner.invoke(app, ["info", "--frames", "0"]).exit_code != 0

@@ -18,6 +18,9 @@ def info(
     image_size: Optional[str] = typer.Option(
         None, "--image-size", help="one side (a square input, default: the preset's) or WIDTHxHEIGHT of an image "
         "tiled with LLaVA-OneVision's AnyRes (base image + tiles at the preset's size, unpadded, newlines)"),
+    frames: Optional[int] = typer.Option(
+        None, "--frames", min=1, help="a video of N frames at the preset's size: LLM tokens and encoder FLOPs, "
+        "OneVision (2x2 pooling after the projector) vs the compressed encoder (no pooling, and with pooling)"),
     max_tiles: int = typer.Option(9, "--max-tiles", help="AnyRes: anyres_max_N token budget, in tiles"),
     max_grid: int = typer.Option(6, "--max-grid", help="AnyRes: pinpoints up to N x N tiles (OneVision: 6)"),
     feature_layer: int = typer.Option(-1, "--feature-layer", help="-1 last layer, -2 penultimate, ..."),
@@ -52,9 +55,10 @@ def info(
         raise ValueError(f"--image-size: {err}") from None
     cost = laco.encoder_cost(enc, None if tiled else (hw[0] if hw else None))
     report = anyres_report(enc, full, hw, max_tiles, max_grid) if tiled else None
+    video = video_report(enc, full, frames) if frames else None
     if as_json:
         print(json.dumps({"encoder": encoder, "method": method, "layer": layer, "ratio": ratio, **cost.to_dict(),
-                          **({"anyres": report} if report else {})}, indent=2))
+                          **({"anyres": report} if report else {}), **({"video": video} if video else {})}, indent=2))
         return
     table = Table(title=f"{encoder} + {method} @ layer {layer}, r={ratio}  ({enc.num_layers} layers run)")
     for col in ("part", "params (M)", "GFLOPs"):
@@ -85,6 +89,13 @@ def info(
                           f"{r['newlines']} newlines), encoder {r['encoder_gflops']:.1f} GFLOPs")
         console.print(f"  -> {report['with']['tokens'] / report['without']['tokens']:.3f} of the LLM tokens, "
                       f"{report['with']['encoder_gflops'] / report['without']['encoder_gflops']:.3f} of the encoder FLOPs")
+    if video:
+        console.print(f"video of {frames} frames at {video['frame_size']} px (one newline per video):")
+        for key, name in (("onevision", "OneVision (no compression, 2x2 pooling)"),
+                          ("with", f"with {method}, no pooling"), ("with_pooling", f"with {method} + 2x2 pooling")):
+            r = video[key]
+            console.print(f"  {name:>40}: {r['frame_grid'][0]}x{r['frame_grid'][1]} tokens per frame, LLM tokens "
+                          f"{r['tokens']}, encoder {r['encoder_gflops']:.1f} GFLOPs")
 
 
 def anyres_report(enc, full, image_hw: tuple[int, int], max_tiles: int, max_grid: int) -> dict:
@@ -101,4 +112,19 @@ def anyres_report(enc, full, image_hw: tuple[int, int], max_tiles: int, max_grid
         out.update(tiles=list(lay.tiles), encoder_inputs=lay.num_inputs)
         out[key] = {"tile_grid": list(grid), "tokens": lay.num_tokens, "base_tokens": grid[0] * grid[1],
                     "grid": list(lay.final_grid), "newlines": lay.final_grid[0], "encoder_gflops": flops / 1e9}
+    return out
+
+
+def video_report(enc, full, num_frames: int) -> dict:
+    """LLM tokens and encoder FLOPs of a video: OneVision (uncompressed, 2x2 pooling) vs ``enc`` without / with it."""
+    import laco
+    from laco.model import anyres
+
+    size = enc.adapter.config.image_size
+    out: dict = {"frames": num_frames, "frame_size": size}
+    for key, tower, pool in (("onevision", full, True), ("with", enc, False), ("with_pooling", enc, True)):
+        grid = tower.output_grid(tower.adapter.grid_for_image_size(size))
+        out[key] = {"frame_grid": list(anyres.pooled_frame_grid(grid) if pool else grid), "pooling": pool,
+                    "tokens": anyres.video_tokens(num_frames, grid, pool=pool, newline=True),
+                    "encoder_gflops": laco.encoder_cost(tower, size).total_flops * num_frames / 1e9}
     return out
