@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 MARKER_FILE = ".laco-output.json"
 CHECKSUM_FILE = "checksums.sha256"
@@ -55,6 +55,15 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[s
     if not isinstance(data, dict):
         raise ValueError(f"{what} must hold a JSON object, not a {type(data).__name__}: {path}")
     return data
+
+
+def read_result_json(path: str | os.PathLike, command: str, keys: Sequence[str]) -> dict[str, Any]:
+    """A result file a ``laco COMMAND --from-json`` redraws: a JSON object holding ``keys``, else an error naming it."""
+    result = read_json_object(path, "--from-json result file")
+    missing = [k for k in keys if k not in result]
+    if missing:
+        raise ValueError(f"--from-json: not a `laco {command}` result file (no {', '.join(missing)}): {path}")
+    return result
 
 
 def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:

@@ -57,16 +57,13 @@ def bench(
     from laco.bench.report import LABELS, analyze, write_report
     from laco.bench.runner import PARTS, TRAIN_PARTS, BenchConfig, predict_all, run_benchmark
     from laco.bench.timers import device_slug
-    from laco.safety import check_device, check_output_path, read_json_object
+    from laco.safety import check_device, check_output_path, read_result_json
 
     if from_json is not None:
         from pathlib import Path
 
         path = Path(from_json)
-        result = read_json_object(path, "--from-json result file")
-        missing = [k for k in ("config", "predicted", "measured", "environment") if k not in result]
-        if missing:
-            raise ValueError(f"--from-json: not a `laco bench` result file (no {', '.join(missing)}): {path}")
+        result = read_result_json(path, "bench", ("config", "predicted", "measured", "environment"))
         result.pop("analysis", None)  # recomputed from the raw samples
         for kind, p in write_report(result, path.parent).items():
             Console().print(f"{kind}: {p}")

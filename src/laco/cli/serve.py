@@ -42,15 +42,12 @@ def serve_bench(
     import shlex
     from pathlib import Path
 
-    from laco.safety import check_output_path, read_json_object
+    from laco.safety import check_output_path, read_result_json
     from laco.serve import bench
 
     if from_json is not None:
         path = Path(from_json)
-        result = read_json_object(path, "--from-json result file")
-        missing = [k for k in ("config", "baseline", "methods") if k not in result]
-        if missing:
-            raise ValueError(f"--from-json: not a `laco serve-bench` result file (no {', '.join(missing)}): {path}")
+        result = read_result_json(path, "serve-bench", ("config", "baseline", "methods"))
         for kind, p in bench.write_serve_report(result, path.parent).items():
             typer.echo(f"wrote {kind}: {p}")
         return
