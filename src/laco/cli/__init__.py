@@ -35,6 +35,16 @@ def _root(
     """Layer-wise visual token compression (LaCo) for multimodal LLMs."""
 
 
+def comma_list(text: str | None, cast=str) -> list | None:
+    """The one reading of a comma-list option: ``"a, b,,c"`` -> ``["a", "b", "c"]`` (empty items dropped),
+    each item through ``cast`` (its ValueError propagates: the command words the error for its option);
+    ``None`` or ``""`` -> ``None``. Lists of methods split on commas outside parentheses:
+    ``laco.compressors.spec.parse_methods`` reads those."""
+    if not text:
+        return None
+    return [cast(p.strip()) for p in text.split(",") if p.strip()]
+
+
 # one module per command group; each registers its commands on `app` when imported
 _COMMAND_MODULES = ["info", "probe", "bench", "gpu_check", "generate", "convert", "export", "eval", "compare", "train", "serve"]
 for _name in _COMMAND_MODULES:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from laco.cli import app
+from laco.cli import app, comma_list
 
 
 @app.command()
@@ -81,7 +81,7 @@ def bench(
     if not dry_run:
         check_device(device)
         check_output_path(out, "--out")
-    chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) if parts else PARTS
+    chosen = tuple(comma_list(parts)) if parts else PARTS
     if not train:
         chosen = tuple(p for p in chosen if p not in TRAIN_PARTS)
     cfg = BenchConfig(

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from laco.cli import app
+from laco.cli import app, comma_list
 
 
 @app.command("gpu-check")
@@ -30,7 +30,7 @@ def gpu_check(
     folder = out or os.environ.get("OUT") or "gpu_check_out"
     check_output_path(folder, "--out")
     cfg = CheckConfig(out=Path(folder), dry_run=dry_run, budget_s=budget, repeats=repeats, warmup=warmup,
-                      only=tuple(s.strip() for s in only.split(",") if s.strip()) if only else ())
+                      only=tuple(comma_list(only) or ()))
     summary = run_check(cfg, echo=typer.echo)
     typer.echo(f"summary: {Path(folder) / 'summary.md'}")
     if not summary["ok"]:

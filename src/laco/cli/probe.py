@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from laco.cli import app
+from laco.cli import app, comma_list
 
 
 def parse_layer_list(spec: str) -> list | None:
     """'all' -> None (every depth); '0,2,1/4,post' -> [0, 2, '1/4', 'post']."""
     if spec.strip().lower() == "all":
         return None
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    parts = comma_list(spec)
     if not parts:
         raise ValueError(f"--layers {spec!r} lists no layer; use 'all' or e.g. '0,2,1/4,post'")
     from laco.compressors.spec import parse_layer
@@ -24,7 +24,7 @@ def parse_layer_list(spec: str) -> list | None:
 
 def parse_ratio_list(spec: str) -> list[int]:
     try:
-        ratios = [int(p) for p in spec.split(",") if p.strip()]
+        ratios = comma_list(spec, int)
     except ValueError:
         raise ValueError(f"--ratios must be comma-separated integers like '2,3', got {spec!r}") from None
     if not ratios:

@@ -6,13 +6,13 @@ from typing import Optional
 
 import typer
 
-from laco.cli import app
+from laco.cli import app, comma_list
 
 
 def parse_positive_ints(text: str, option: str) -> tuple[int, ...]:
     """'1,16,64' -> (1, 16, 64); anything else is an error naming the option."""
     try:
-        values = tuple(int(p) for p in text.split(",") if p.strip())
+        values = tuple(comma_list(text, int) or ())
     except ValueError:
         raise ValueError(f"{option} takes a comma list of positive integers, got {text!r}") from None
     if not values or min(values) < 1:
