@@ -67,3 +67,41 @@ def test_format_parse_round_trip_and_resolve_agree(layers):
     for raw, p in zip(layers, items):
         expect = 12 if raw == "post" else raw if isinstance(raw, int) else int(Fraction(raw) * 12 + Fraction(1, 2))
         assert resolve_layer(p, 12) == resolve_layer(str(raw), 12) == expect
+
+
+def test_compressor_options_in_a_method_name():
+    spec = parse_method("pixel_shuffle( proj=linear , avg_pool_init=TRUE )@1/4")
+    assert spec.kwargs == (("avg_pool_init", True), ("proj", "linear"))
+    assert spec.name == "pixel_shuffle(avg_pool_init=true,proj=linear)@1/4" == canonical_name(spec.name)
+    assert spec.compression == {"method": "pixel_shuffle", "layer": "1/4",
+                                "kwargs": {"avg_pool_init": True, "proj": "linear"}}
+    assert parse_method("ldpv2(residual=false,depth=3,scale=0.5)@2").kwargs == (
+        ("depth", 3), ("residual", False), ("scale", 0.5))
+    # a list splits on the commas outside parentheses
+    names = [s.name for s in parse_methods("none,ldpv2(residual=true,pad=zero)@1/4, laco@1/4")]
+    assert names == ["none", "ldpv2(pad=zero,residual=true)@1/4", "laco@1/4"]
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_methods("ldpv2(residual=true)@1/4,ldpv2( residual=True )@1/4")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("ldpv2(residual)@1/4", "'key=value' pairs"),
+    ("ldpv2(residual=true@1/4", "write options as"),
+    ("ldpv2()@1/4", "write options as"),
+    ("ldpv2(a=1,a=2)@1/4", "option 'a' given twice"),
+    ("nope(a=1)@1/4", "unknown compressor 'nope'"),
+])
+def test_bad_compressor_options_name_the_problem(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_method(text)
+
+
+def test_compressor_options_reach_the_compressor():
+    """The parsed kwargs build the compressor they name (and a wrong one fails when it is built)."""
+    from laco import create_compressor
+
+    spec = parse_method("pixel_shuffle(avg_pool_init=true,proj=linear)@1/4")
+    comp = create_compressor(spec.compressor, 8, **dict(spec.kwargs))
+    assert comp.avg_pool_init and comp.proj_type == "linear" and not comp.residual
+    with pytest.raises(TypeError):
+        create_compressor("avg_pool", 8, **dict(parse_method("avg_pool(bogus=1)@1/4").kwargs))

@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from laco.cli import app
+from laco.cli import app, comma_list
 
 
 @app.command()
 def compare(
     preset: str = typer.Option("quick", "--preset", "-p", help="smoke (seconds), quick (<= 10 min on 2 cores), full (>= 3 seeds)"),
-    methods: Optional[str] = typer.Option(None, "--methods", "-m", help="comma list, e.g. 'none,laco@1/4,pixel_shuffle@1/4' (default: all)"),
-    scenarios: Optional[str] = typer.Option(None, "--scenarios", help="comma list of readout, train, retrofit (default: all three)"),
+    methods: Optional[str] = typer.Option(None, "--methods", "-m", help="comma list, e.g. 'none,laco@1/4,ldpv2(residual=true)@1/4' (default: the preset's)"),
+    scenarios: Optional[str] = typer.Option(None, "--scenarios", help="comma list of readout, train, train_encoder, retrofit (default: the preset's)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list of seeds (default: the preset's)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON file overriding any preset field"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder (default: laco-results/compare/<preset>)"),
@@ -63,14 +63,13 @@ def compare(
         data = read_yaml(config, "compare config") or {}
         if isinstance(data, dict) and "preset" in data and preset == "quick":
             preset = str(data["preset"])
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     seed_list = None
     if seeds:
         try:
-            seed_list = [int(s) for s in split(seeds)]
+            seed_list = comma_list(seeds, int)
         except ValueError:
             raise ValueError(f"--seeds must be a comma list of integers, got {seeds!r}") from None
-    p = load_preset(preset, config, methods=split(methods), scenarios=split(scenarios), seeds=seed_list, threads=threads,
+    p = load_preset(preset, config, methods=methods, scenarios=comma_list(scenarios), seeds=seed_list, threads=threads,
                     cache_dir=str(cache_dir) if cache_dir else None)
     out = out or Path("laco-results") / "compare" / p.name
     console.print(f"[bold]laco compare[/bold]: preset {p.name}, {len(p.methods)} methods x {p.scenarios} x seeds {p.seeds} -> {out}")

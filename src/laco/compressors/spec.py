@@ -12,9 +12,12 @@ A **method** is a compressor at a layer spec::
 
     "none"                 no compression (every visual token reaches the LLM)
     "<compressor>@<layers>"  e.g. "laco@1/4", "pixel_shuffle@post", "avg_pool@7", "laco@1/4+1/2"
+    "<compressor>(<key>=<value>,...)@<layers>"  with compressor kwargs, e.g. "ldpv2(residual=true)@1/4",
+                           "pixel_shuffle(avg_pool_init=true,proj=linear)@1/4" (values: true/false, ints,
+                           floats or words; a list of methods splits on the commas outside parentheses)
 
-Canonical names are ``none`` and ``<compressor>@<layers>`` with the layers as parsed (lower case, ints as
-digits). Deprecated aliases, kept because committed results and configs use them:
+Canonical names are ``none`` and ``<compressor>[(<kwargs>)]@<layers>`` with the layers as parsed (lower case,
+ints as digits) and the kwargs sorted by key (``true``/``false`` for booleans). Deprecated aliases, kept because committed results and configs use them:
 
     "post"               -> "laco@post"            (``laco bench --methods``)
     "ext_laco"           -> "laco@post"            (``laco compare``: benchmarks/results/compare/**)
@@ -99,8 +102,11 @@ class MethodSpec:
 
     @property
     def name(self) -> str:
-        """The canonical name: ``none`` or ``<compressor>@<layers>``."""
-        return "none" if self.compressor == "none" else f"{self.compressor}@{format_layers(self.layers)}"
+        """The canonical name: ``none`` or ``<compressor>[(<kwargs>)]@<layers>``."""
+        if self.compressor == "none":
+            return "none"
+        opts = f"({','.join(f'{k}={_format_value(v)}' for k, v in self.kwargs)})" if self.kwargs else ""
+        return f"{self.compressor}{opts}@{format_layers(self.layers)}"
 
     @property
     def layer(self) -> LayerSpec | list[LayerSpec] | None:
@@ -117,8 +123,40 @@ class MethodSpec:
         return {"method": self.compressor, "layer": self.layer, **({"kwargs": dict(self.kwargs)} if self.kwargs else {})}
 
 
+def _parse_value(text: str) -> bool | int | float | str:
+    """A kwarg value as written: ``true``/``false`` -> bool, digits -> int, a float, else the word itself."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _format_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _parse_kwargs(method: str, text: str) -> tuple:
+    """``"residual=true,proj=linear"`` -> sorted ``(("proj", "linear"), ("residual", True))``."""
+    pairs = {}
+    for item in text.split(","):
+        key, eq, value = (p.strip() for p in item.partition("="))
+        if not (key.isidentifier() and eq and value):
+            raise ValueError(f"method {method!r}: compressor options are 'key=value' pairs joined by ',', got {item!r}")
+        if key in pairs:
+            raise ValueError(f"method {method!r}: option {key!r} given twice")
+        pairs[key] = _parse_value(value)
+    return tuple(sorted(pairs.items()))
+
+
 def parse_method(text: str | MethodSpec) -> MethodSpec:
-    """``"none"`` | ``"<compressor>@<layers>"`` | a deprecated alias -> ``MethodSpec`` (compressor checked)."""
+    """``"none"`` | ``"<compressor>[(<kwargs>)]@<layers>"`` | a deprecated alias -> ``MethodSpec``.
+
+    The compressor name is checked against the registry; its kwargs are checked when it is built."""
     from laco.compressors import list_compressors
 
     if isinstance(text, MethodSpec):
@@ -131,8 +169,13 @@ def parse_method(text: str | MethodSpec) -> MethodSpec:
         return MethodSpec("none")
     if "@" not in s:
         raise ValueError(f"method {text!r}: expected 'none' or '<compressor>@<layer>' such as 'laco@1/4'")
-    comp, _, layer_text = s.partition("@")
-    comp = comp.strip()
+    comp, _, layer_text = s.rpartition("@") if ")" in s else s.partition("@")
+    comp, kwargs = comp.strip(), ()
+    if "(" in comp or ")" in comp:
+        head, _, rest = comp.partition("(")
+        if not rest.endswith(")") or "(" in rest[:-1] or ")" in rest[:-1] or not rest[:-1].strip():
+            raise ValueError(f"method {text!r}: write options as '<compressor>(key=value,...)@<layer>'")
+        comp, kwargs = head.strip(), _parse_kwargs(text, rest[:-1])
     if comp not in list_compressors():
         raise ValueError(f"method {text!r}: unknown compressor {comp!r}; known: {', '.join(list_compressors())}")
     if not layer_text.strip():
@@ -141,7 +184,7 @@ def parse_method(text: str | MethodSpec) -> MethodSpec:
         layer = parse_layers(layer_text)
     except ValueError as err:
         raise ValueError(f"method {text!r}: {err}") from None
-    return MethodSpec(comp, tuple(layer) if isinstance(layer, list) else (layer,))
+    return MethodSpec(comp, tuple(layer) if isinstance(layer, list) else (layer,), kwargs)
 
 
 def canonical_name(text: str) -> str:
@@ -149,9 +192,23 @@ def canonical_name(text: str) -> str:
     return parse_method(text).name
 
 
+def split_methods(text: str) -> list[str]:
+    """``"none,ldpv2(residual=true,pad=zero)@1/4"`` -> ``["none", "ldpv2(residual=true,pad=zero)@1/4"]``:
+    the commas outside parentheses separate methods."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    return [*parts, "".join(cur)]
+
+
 def parse_methods(text: str | Sequence[str]) -> list[MethodSpec]:
     """A comma-separated string or a list of methods; duplicates (after aliases) are an error."""
-    parts = text.split(",") if isinstance(text, str) else [str(p) for p in text]
+    parts = split_methods(text) if isinstance(text, str) else [str(p) for p in text]
     specs = [parse_method(p) for p in parts if p.strip()]
     if not specs:
         raise ValueError("no methods given; e.g. 'none,laco@post,laco@1/4'")

@@ -1,10 +1,11 @@
-"""``laco compare``'s pipeline: prepare data, encoder, tokenizer and LLM once (``prepare``), then run every
-(method, seed, scenario) (``run_method``, ``run_readout``) and write the results (``run_compare``)."""
+"""``laco compare``'s pipeline: data and tokenizer once (``prepare_data``), then per seed a replicate
+(``prepare``: its own pretrained encoder and text LLM, hidden-state caches) on which every (method,
+scenario) runs (``run_train``, ``run_retrofit``, ``run_readout``), and the results (``run_compare``)."""
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import os
 import platform
 import time
@@ -18,27 +19,42 @@ from torch import nn
 from laco.compressors.spec import parse_method
 from laco.data.embedded import EmbeddedDataset, build_embedded_dataset
 from laco.experiments.compare.presets import ComparePreset
-from laco.experiments.compare.results import aggregate, contrasts
+from laco.experiments.compare.results import aggregate, baseline_rows, contrasts
 from laco.experiments.compare.steps import (
     build_model,
     cache_hidden_states,
+    derive_seed,
     evaluate_cached,
+    evaluate_text_only,
     llm_config,
-    measure_throughput,
     start_layer,
     train_steps,
 )
 from laco.experiments.compare.text import TokenizedSplit, build_tokenizer, conversations, tokenize_split
 from laco.experiments.pretrain import load_pretrained_encoder
 from laco.flops import encoder_cost
-from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, optimizer_step
+from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, optimizer_step, param_groups
 
-# -- the experiment ---------------------------------------------------------------------------------
+
+# -- what every seed shares: data, tokenizer, tokenised splits, the blind baseline ---------------------------
 @dataclass
-class Context:
-    """What every run shares: data, tokenizer, pretrained encoder and LLM, caches, tokenised splits."""
+class Shared:
+    """The data side of the experiment: the same for every seed."""
 
     preset: ComparePreset
+    ds: EmbeddedDataset
+    tok: Any
+    splits: dict[tuple[str, int], TokenizedSplit]  # (split, image tokens) -> tokens; 0 tokens = text only
+    blind: dict[str, Any]  # laco.eval.blind on the eval split
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """One replicate (seed): the shared data plus its pretrained encoder and LLM and their caches."""
+
+    preset: ComparePreset
+    seed: int
     ds: EmbeddedDataset
     tok: Any
     encoder: Any
@@ -46,76 +62,97 @@ class Context:
     encoder_metrics: dict
     readout: Any  # the encoder's pretraining head (quadrant classes), frozen
     hidden: dict[str, dict[int, torch.Tensor]]  # split -> layer -> states
-    splits: dict[tuple[str, int], TokenizedSplit]  # (split, image tokens) -> tokens
+    splits: dict[tuple[str, int], TokenizedSplit]
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def eval_split(self) -> str:
+        return self.preset.eval_split
 
-def pretrain_llm(preset: ComparePreset, tok, train_convs) -> Any:
-    """The small Qwen2 LLM trained on the training conversations as text only (no image)."""
+
+def _vision_meta(preset: ComparePreset):
+    from transformers import SiglipVisionModel
+
+    with torch.device("meta"):
+        return SiglipVisionModel(preset.pretrain.vision_config())
+
+
+def _llm_meta(preset: ComparePreset, tok):
     from transformers import AutoModelForCausalLM
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(12345)
-        llm = AutoModelForCausalLM.from_config(llm_config(preset.llm, tok))
-    text = tokenize_split(tok, train_convs, 0, with_image=False)
-
-    class _TextOnly(nn.Module):  # the interface lm_logits_and_loss expects, without images
-        def __init__(self, lm):
-            super().__init__()
-            self.language_model = lm
-
-        def get_input_embeddings(self):
-            return self.language_model.get_input_embeddings()
-
-    wrapper = _TextOnly(llm)
-    train_steps(wrapper, list(llm.parameters()), None, 0, text, preset.llm_pretrain_steps, preset.lr_llm_pretrain,
-                preset, seed=12345, desc="pretraining LLM on text")
-    return llm.eval()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(llm_config(preset.llm, tok))
 
 
-def prepare(preset: ComparePreset, *, log=print) -> Context:
-    """Data, encoder (cached on disk), tokenizer, text-pretrained LLM, hidden-state caches, tokenised splits."""
+def prepare_data(preset: ComparePreset, *, log=print) -> Shared:
+    """Data (cached on disk), tokenizer, the splits tokenised at every image-token count, the blind baseline."""
+    from laco.eval.blind import blind_baseline
+
     torch.set_num_threads(preset.threads)
-    timings = {}
     t = time.perf_counter()
     ds = build_embedded_dataset(preset.data, Path(preset.cache_dir) / "data" / _data_name(preset)
                                 if preset.cache_dir else None)
-    timings["data_s"] = time.perf_counter() - t
     if ds.source != "fashion_mnist":
         log("[yellow]Fashion-MNIST is not installed: using PIL-generated scenes "
             "(apt-get install dataset-fashion-mnist for the real images)[/yellow]")
-    log(f"data: {ds.source} scenes in {ds.root} (train {len(ds.scenes['train'])}, test {len(ds.scenes['test'])})")
-    t = time.perf_counter()
-    encoder, readout, enc_metrics = load_pretrained_encoder(preset.cache_dir, preset.pretrain, with_head=True)
-    timings["encoder_s"] = time.perf_counter() - t
-    log(f"pretrained encoder: quadrant accuracy {enc_metrics['quadrant_acc']}%, dot {enc_metrics['dot_acc']}% "
-        f"(held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
-    t = time.perf_counter()
-    train_convs = conversations(ds, "train")
-    test_convs = conversations(ds, "test")
+    log(f"data: {ds.source} scenes in {ds.root} (train {len(ds.scenes['train'])}, "
+        f"{preset.eval_split} {len(ds.scenes[preset.eval_split])})")
     tok = build_tokenizer(ds, preset.llm.vocab_size)
-    llm = pretrain_llm(preset, tok, train_convs)
-    timings["llm_pretrain_s"] = time.perf_counter() - t
-    # which encoder states the methods start from, and how many image tokens each gives
-    specs = {m: parse_method(m) for m in {*preset.methods, "none"}}
-    starts, tokens = set(), set()
+    convs = {s: conversations(ds, s) for s in ("train", preset.eval_split)}
+    # how many image tokens each method gives the LLM (config only: meta-device modules)
+    vision, llm = _vision_meta(preset), _llm_meta(preset, tok)
     with torch.device("meta"):
-        for spec in specs.values():
-            m = build_model(spec, preset, _meta_like(encoder), _meta_like(llm), tok, 0)
-            starts.add(start_layer(m))
-            tokens.add(m.num_image_tokens)
+        tokens = {build_model(parse_method(m), preset, vision, llm, tok, 0, load_weights=False).num_image_tokens
+                  for m in {*preset.methods, "none"}}
+    splits = {(s, n): tokenize_split(tok, convs[s], n) for s in convs for n in sorted(tokens)}
+    splits.update({(s, 0): tokenize_split(tok, convs[s], 0, with_image=False) for s in convs})
+    blind = blind_baseline(ds.root / "train.json", ds.eval_file(preset.eval_split)).as_dict()
+    blind.pop("predictions", None)
+    log(f"blind baseline (most frequent training answer per question): {blind['accuracy']:.1f}% on {preset.eval_split}")
+    return Shared(preset, ds, tok, splits, blind, {"data_s": time.perf_counter() - t})
+
+
+def pretrain_llm(preset: ComparePreset, tok, text: TokenizedSplit, seed: int) -> Any:
+    """The seed's small Qwen2 LLM, trained on the training conversations as text only (no image)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "llm"))
+        llm = AutoModelForCausalLM.from_config(llm_config(preset.llm, tok))
+    train_steps(llm, list(llm.parameters()), None, 0, text, preset.llm_pretrain_steps, preset.lr_llm_pretrain,
+                preset, seed=derive_seed(seed, "llm-order"), desc=f"pretraining LLM on text (seed {seed})")
+    return llm.eval()
+
+
+def prepare(preset: ComparePreset, seed: int | None = None, shared: Shared | None = None, *, log=print) -> Context:
+    """Replicate ``seed`` (default: the preset's first): its encoder (pretrained with ``pretrain.seed = seed``,
+    cached on disk), its text-pretrained LLM, and the frozen encoder's states where the methods start."""
+    seed = preset.seeds[0] if seed is None else seed
+    shared = shared or prepare_data(preset, log=log)
+    timings = dict(shared.timings)
+    t = time.perf_counter()
+    pre = dataclasses.replace(preset.pretrain, seed=seed)
+    encoder, readout, enc_metrics = load_pretrained_encoder(preset.cache_dir, pre, with_head=True)
+    timings["encoder_s"] = time.perf_counter() - t
+    log(f"seed {seed}: pretrained encoder, quadrant accuracy {enc_metrics['quadrant_acc']}%, dot "
+        f"{enc_metrics['dot_acc']}% (held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
+    t = time.perf_counter()
+    llm = pretrain_llm(preset, shared.tok, shared.splits[("train", 0)], seed)
+    timings["llm_pretrain_s"] = time.perf_counter() - t
+    # the encoder states each method starts from (train_encoder trains every layer: it starts at 0)
+    starts = {0} if "train_encoder" in preset.scenarios else set()
+    with torch.device("meta"):
+        for m in {*preset.methods, "none"}:
+            starts.add(start_layer(build_model(parse_method(m), preset, encoder, llm, shared.tok, 0, load_weights=False)))
     t = time.perf_counter()
     dtype = getattr(torch, preset.cache_dtype)
-    hidden = {s: cache_hidden_states(encoder, ds.scenes[s].images, sorted(starts), dtype=dtype, desc=f"caching {s} states")
-              for s in ("train", "test")}
+    hidden = {s: cache_hidden_states(encoder, shared.ds.scenes[s].images, sorted(starts), dtype=dtype,
+                                     desc=f"caching {s} states") for s in ("train", preset.eval_split)}
     timings["cache_s"] = time.perf_counter() - t
-    splits = {}
-    for n in sorted(tokens):
-        splits[("train", n)] = tokenize_split(tok, train_convs, n)
-        splits[("test", n)] = tokenize_split(tok, test_convs, n)
-    for q in [*encoder.parameters(), *readout.parameters()]:
+    for q in [*encoder.parameters(), *readout.parameters(), *llm.parameters()]:
         q.requires_grad_(False)
-    return Context(preset, ds, tok, encoder, llm, enc_metrics, readout, hidden, splits, timings)
+    return Context(preset, seed, shared.ds, shared.tok, encoder, llm, enc_metrics, readout, hidden, shared.splits,
+                   timings)
 
 
 def _data_name(preset: ComparePreset) -> str:
@@ -125,67 +162,105 @@ def _data_name(preset: ComparePreset) -> str:
     return f"{src}-{preset.data.key(src)}"
 
 
-def _meta_like(module):
-    """A meta-device copy (config only) for shape bookkeeping."""
-    with torch.device("meta"):
-        return type(module)(copy.deepcopy(module.config))
+# -- the MLLM scenarios -----------------------------------------------------------------------------------
+def _new_model(ctx: Context, name: str):
+    return build_model(parse_method(name), ctx.preset, ctx.encoder, ctx.llm, ctx.tok, ctx.seed)
 
 
-def run_method(ctx: Context, name: str, seed: int, scenario: str, base=None) -> tuple[dict[str, Any], Any]:
-    """One (method, seed, scenario) run -> (result row, trained model)."""
-    p, spec = ctx.preset, parse_method(name)
-    tag = f"{scenario} {name} s{seed}"
-    model = build_model(spec, p, ctx.encoder, ctx.llm, ctx.tok, seed)
-    if scenario == "retrofit":
-        if base is None:
-            raise ValueError("retrofit needs the trained uncompressed base model")
-        state = {k: v for k, v in base.state_dict().items() if ".compressors." not in k}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(".compressors." not in k for k in missing):
-            raise RuntimeError(f"retrofit load mismatch: missing {missing}, unexpected {unexpected}")
+def _row(ctx: Context, name: str, scenario: str, model) -> dict[str, Any]:
+    spec, tower = parse_method(name), model.vision_tower
+    cost = encoder_cost(tower)
+    return {"method": name, "scenario": scenario, "seed": ctx.seed, "compressor": spec.compressor, "layer": spec.layer,
+            "merge_layer": min(tower.merge_layers) if spec.compressor != "none" else None,
+            "visual_tokens": model.num_image_tokens, "encoder_gflops": round(cost.total_flops / 1e9, 4),
+            "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": tower.num_layers}
+
+
+def _evaluate(ctx: Context, model, start: int) -> dict[str, Any]:
+    split = ctx.eval_split
+    return evaluate_cached(model, ctx.hidden[split][start], start, ctx.splits[(split, model.num_image_tokens)],
+                           ctx.preset.eval_batch_size, ctx.preset.eval_limit)
+
+
+def _trainable(model, groups: list[str]) -> list:
+    """``freeze_for_stage`` minus the encoder's embeddings: the cached states start after them."""
+    params = freeze_for_stage(model, groups)
+    if "encoder" in groups:
+        for q in model.vision_tower.adapter.model.embeddings.parameters():
+            q.requires_grad_(False)
+        params = [q for q in params if q.requires_grad]
+    return params
+
+
+def run_train(ctx: Context, name: str, scenarios: list[str]) -> dict[str, tuple[dict[str, Any], Any]]:
+    """Stage 1 (compressor + projector, LLM and encoder frozen) once, then per scenario stage 2:
+    ``train`` adds the LLM; ``train_encoder`` adds the LLM and every encoder layer (at ``lr_stage2_encoder``).
+
+    Returns {scenario: (result row, trained model)}."""
+    p = ctx.preset
+    model = _new_model(ctx, name)
     start = start_layer(model)
-    n_tok = model.num_image_tokens
-    train, test = ctx.splits[("train", n_tok)], ctx.splits[("test", n_tok)]
-    h_train, h_test = ctx.hidden["train"][start], ctx.hidden["test"][start]
-    row: dict[str, Any] = {"method": name, "scenario": scenario, "seed": seed, "compressor": spec.compressor,
-                           "layer": spec.layer, "merge_layer": start if spec.compressor != "none" else None}
+    train = ctx.splits[("train", model.num_image_tokens)]
     t0 = time.perf_counter()
-    if scenario == "train":
-        params = freeze_for_stage(model, ["compressor", "projector"])
-        sps1 = train_steps(model, params, h_train, start, train, p.stage1_steps, p.lr_stage1, p, seed, f"{tag} stage 1")
-        params = freeze_for_stage(model, ["compressor", "projector", "llm"])
+    params = _trainable(model, ["compressor", "projector"])
+    train_steps(model, params, ctx.hidden["train"][start], start, train, p.stage1_steps, p.lr_stage1, p,
+                derive_seed(ctx.seed, "stage1"), f"{name} s{ctx.seed} stage 1")
+    stage1_s = time.perf_counter() - t0
+    out = {}
+    for scenario in scenarios:
+        m = copy.deepcopy(model) if scenario != scenarios[-1] else model
+        groups = ["compressor", "projector", "llm"] + (["encoder"] if scenario == "train_encoder" else [])
+        k = 0 if scenario == "train_encoder" else start  # where the (frozen) cached part ends
+        params = _trainable(m, groups)
+        opt_groups = param_groups(m, groups, lr=p.lr_stage2, group_lr={"encoder": p.lr_stage2_encoder},
+                                  weight_decay=p.weight_decay)
         curve: list[list[float]] = []
 
-        def record(step: int) -> None:  # test accuracy during stage 2 (a learning curve, not model selection)
+        def record(step: int, m=m, k=k, curve=curve) -> None:  # eval accuracy during stage 2 (a curve, not selection)
             if p.curve_every and (step % p.curve_every == 0 or step == p.stage2_steps):
-                acc = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.curve_limit)["accuracy"]
-                curve.append([p.stage1_steps + step, acc])
+                curve.append([p.stage1_steps + step, evaluate_cached(
+                    m, ctx.hidden[ctx.eval_split][k], k, ctx.splits[(ctx.eval_split, m.num_image_tokens)],
+                    p.eval_batch_size, p.curve_limit)["accuracy"]])
 
-        sps2 = train_steps(model, params, h_train, start, train, p.stage2_steps, p.lr_stage2, p, seed + 1,
-                           f"{tag} stage 2", on_step=record)
-        row["cached_train_samples_per_s"] = round(sps2, 1)
+        t1 = time.perf_counter()
+        train_steps(m, opt_groups, ctx.hidden["train"][k], k, train, p.stage2_steps, p.lr_stage2, p,
+                    derive_seed(ctx.seed, "stage2"), f"{scenario} {name} s{ctx.seed} stage 2", on_step=record)
+        row = _row(ctx, name, scenario, m)
+        row.update({"train_seconds": round(stage1_s + time.perf_counter() - t1, 1), "after": _evaluate(ctx, m, k),
+                    "trainable_params": sum(q.numel() for q in params)})
         if curve:
             row["curve"] = curve
+        m.requires_grad_(False)
+        out[scenario] = (row, m)
+    return out
+
+
+def run_retrofit(ctx: Context, name: str, base) -> dict[str, Any]:
+    """The trained uncompressed MLLM ``base`` with the compressor inserted; only the compressor trains."""
+    p = ctx.preset
+    model = _new_model(ctx, name)
+    state = {k: v for k, v in base.state_dict().items() if ".compressors." not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(".compressors." not in k for k in missing):
+        raise RuntimeError(f"retrofit load mismatch: missing {missing}, unexpected {unexpected}")
+    start = start_layer(model)
+    row = _row(ctx, name, "retrofit", model)
+    row["before"] = _evaluate(ctx, model, start)
+    # parameter-free compressors (avg_pool, tome) have nothing to retrofit: freeze all, train nothing
+    if any(True for _ in model.vision_tower.compressors.parameters()):
+        params = _trainable(model, ["compressor"])
     else:
-        row["before"] = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.eval_limit)
-        # parameter-free compressors (avg_pool, tome) have nothing to retrofit: freeze all, train nothing
-        if any(True for _ in model.vision_tower.compressors.parameters()):
-            params = freeze_for_stage(model, ["compressor"])
-        else:
-            model.requires_grad_(False)
-            params = []
-        sps = train_steps(model, params, h_train, start, train, p.retrofit_steps, p.lr_retrofit, p, seed, f"{tag}")
-        row["cached_train_samples_per_s"] = None if math.isnan(sps) else round(sps, 1)
-    row["train_seconds"] = round(time.perf_counter() - t0, 1)
-    row["after"] = evaluate_cached(model, h_test, start, test, p.eval_batch_size, p.eval_limit)
-    row["trainable_params"] = sum(q.numel() for q in params)
-    row.update(_costs(model))
-    row.update(measure_throughput(model, ctx.ds.scenes["test"].images, test, params, p.timing_batches, p.timing_batch_size))
-    for q in model.parameters():
-        q.requires_grad_(False)
-    return row, model
+        model.requires_grad_(False)
+        params = []
+    t0 = time.perf_counter()
+    train_steps(model, params, ctx.hidden["train"][start], start, ctx.splits[("train", model.num_image_tokens)],
+                p.retrofit_steps, p.lr_retrofit, p, derive_seed(ctx.seed, "retrofit"), f"retrofit {name} s{ctx.seed}")
+    row.update({"train_seconds": round(time.perf_counter() - t0, 1), "after": _evaluate(ctx, model, start),
+                "trainable_params": sum(q.numel() for q in params)})
+    return row
 
 
+# -- the read-out scenario --------------------------------------------------------------------------------
 def _readout_accuracy(ctx: Context, tower, start: int, split: str, limit: int | None = None) -> dict[str, Any]:
     """Quadrant-classification accuracy (%) of the frozen pretrained read-out on the (compressed) tokens."""
     scenes = ctx.ds.scenes[split]
@@ -197,26 +272,40 @@ def _readout_accuracy(ctx: Context, tower, start: int, split: str, limit: int | 
             out = tower.forward_from(hidden[i:min(n, i + 256)].float(), tower.adapter.grid_for_image_size(), start)
             logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
             correct += int((logits.argmax(-1) == torch.as_tensor(scenes.labels[i:min(n, i + 256)])).sum())
-    return {"accuracy": round(100.0 * correct / (4 * n), 2), "n": 4 * n, "per_task": {"quadrant": round(100.0 * correct / (4 * n), 2)},
-            "per_turn": {}}
+    acc = round(100.0 * correct / (4 * n), 2)
+    return {"accuracy": acc, "n": 4 * n, "per_task": {"quadrant": acc}, "per_turn": {}}
 
 
-def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
+def _not_applicable(reason: str) -> dict[str, Any]:
+    return {"accuracy": None, "n": 0, "per_task": {}, "per_turn": {}, "not_applicable": reason}
+
+
+def run_readout(ctx: Context, name: str) -> dict[str, Any]:
     """The feasibility study's protocol on the same encoder: insert the compressor, train only it against the
-    frozen pretrained quadrant read-out (the consumer is pretrained and frozen, like a frozen LLM)."""
+    frozen pretrained quadrant read-out (the consumer is pretrained and frozen, like a frozen LLM).
+
+    A compressor whose output is not a grid (ToMe: an unordered set) gets "not applicable": the read-out
+    averages quadrants of a raster grid, which such an output does not have."""
     from tqdm.auto import tqdm
 
     from laco.encoders import compress_encoder
 
-    p, spec = ctx.preset, parse_method(name)
+    p, spec, seed = ctx.preset, parse_method(name), ctx.seed
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tower = compress_encoder(ctx.encoder, spec.compressor, layer=spec.layer, ratio=p.ratio,
-                                 **dict(spec.kwargs)) if spec.compressor != "none" else compress_encoder(ctx.encoder, "none")
+        torch.manual_seed(derive_seed(seed, "compressor"))
+        tower = (compress_encoder(ctx.encoder, spec.compressor, layer=spec.layer, ratio=p.ratio, **dict(spec.kwargs))
+                 if spec.compressor != "none" else compress_encoder(ctx.encoder, "none"))
     start = min(tower.merge_layers, default=tower.num_layers)
+    cost = encoder_cost(tower)
     row: dict[str, Any] = {"method": name, "scenario": "readout", "seed": seed, "compressor": spec.compressor,
-                           "layer": spec.layer, "merge_layer": start if spec.compressor != "none" else None}
-    row["before"] = _readout_accuracy(ctx, tower, start, "test", p.eval_limit)
+                           "layer": spec.layer, "merge_layer": start if spec.compressor != "none" else None,
+                           "visual_tokens": tower.num_output_tokens(), "encoder_gflops": round(cost.total_flops / 1e9, 4),
+                           "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": tower.num_layers}
+    if not all(getattr(c, "grid_output", True) for c in tower.compressors.values()):
+        na = _not_applicable("the output is an unordered token set; the read-out averages grid quadrants")
+        return {**row, "before": na, "after": na, "train_seconds": 0.0, "trainable_params": 0}
+    split = ctx.eval_split
+    row["before"] = _readout_accuracy(ctx, tower, start, split, p.eval_limit)
     params = list(tower.compressors.parameters())
     t0 = time.perf_counter()
     if params and p.readout_steps > 0:
@@ -224,10 +313,10 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
             q.requires_grad_(True)
         opt = build_optimizer(params, lr=p.lr_stage1, weight_decay=p.weight_decay)
         sched = build_scheduler(opt, p.readout_steps, warmup_steps=max(1, int(p.warmup_fraction * p.readout_steps)))
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(derive_seed(seed, "readout"))
         hidden, labels = ctx.hidden["train"][start], torch.as_tensor(ctx.ds.scenes["train"].labels)
         tower.train()
-        for step in tqdm(range(p.readout_steps), desc=f"readout {name} s{seed}", leave=False):
+        for _ in tqdm(range(p.readout_steps), desc=f"readout {name} s{seed}", leave=False):
             idx = torch.randint(0, len(hidden), (p.readout_batch_size,), generator=gen)
             out = tower.forward_from(hidden[idx].float(), tower.adapter.grid_for_image_size(), start)
             logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
@@ -235,21 +324,52 @@ def run_readout(ctx: Context, name: str, seed: int) -> dict[str, Any]:
             optimizer_step(loss, opt, sched)  # no clipping: the read-out protocol's
         for q in params:
             q.requires_grad_(False)
-    row["train_seconds"] = round(time.perf_counter() - t0, 1)
-    row["after"] = _readout_accuracy(ctx, tower, start, "test", p.eval_limit)
-    row["trainable_params"] = sum(q.numel() for q in params)
-    row["cached_train_samples_per_s"] = None
-    cost = encoder_cost(tower)
-    row.update({"visual_tokens": tower.num_output_tokens(), "encoder_gflops": round(cost.total_flops / 1e9, 4),
-                "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": tower.num_layers,
-                "train_samples_per_s": None, "infer_samples_per_s": None})
+    row.update({"train_seconds": round(time.perf_counter() - t0, 1),
+                "after": _readout_accuracy(ctx, tower, start, split, p.eval_limit),
+                "trainable_params": sum(q.numel() for q in params)})
     return row
 
 
-def _costs(model) -> dict[str, Any]:
-    cost = encoder_cost(model.vision_tower)
-    return {"visual_tokens": model.num_image_tokens, "encoder_gflops": round(cost.total_flops / 1e9, 4),
-            "encoder_flop_ratio": round(cost.flop_ratio, 3), "num_layers": model.vision_tower.num_layers}
+# -- the experiment -----------------------------------------------------------------------------------------
+def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
+    """Every (method, scenario) of the preset on one replicate; the text-only LLM's accuracy as a row."""
+    p, seed, runs = ctx.preset, ctx.seed, []
+
+    def report(row: dict[str, Any]) -> None:
+        runs.append(row)
+        acc, before = row["after"]["accuracy"], (row.get("before") or {}).get("accuracy")
+        log(f"  {row['scenario']:13s} {row['method']:48s} seed {seed}: "
+            + ("n/a" if acc is None else f"acc {acc:.1f}") + ("" if before is None else f" (before {before:.1f})"))
+
+    if "readout" in p.scenarios:
+        for name in p.methods:
+            report(run_readout(ctx, name))
+    mllm = [s for s in p.scenarios if s != "readout"]
+    if not mllm:
+        return runs
+    text = evaluate_text_only(ctx.llm, ctx.splits[(ctx.eval_split, 0)], p.eval_batch_size, p.eval_limit)
+    runs.append({"method": "text-only LLM", "scenario": "baseline", "seed": seed, "after": text})
+    log(f"  text-only LLM (no image) seed {seed}: acc {text['accuracy']:.1f}")
+    trains = [s for s in ("train", "train_encoder") if s in mllm]
+    # the uncompressed model first: its `train` model is the retrofit base
+    needed = [s for s in ("train", "train_encoder") if s in trains or (s == "train" and "retrofit" in mllm)]
+    base_runs = run_train(ctx, "none", needed) if "none" in p.methods or "retrofit" in mllm else {}
+    base = base_runs["train"][1] if "retrofit" in mllm else None
+    if "none" in p.methods:
+        for scenario in trains:
+            report(base_runs[scenario][0])
+        if "retrofit" in mllm:
+            row = base_runs["train"][0]
+            report({**row, "scenario": "retrofit", "before": row["after"], "trainable_params": 0, "train_seconds": 0.0})
+    for name in p.methods:
+        if name == "none":
+            continue
+        if trains:
+            for row, _ in run_train(ctx, name, trains).values():
+                report(row)
+        if "retrofit" in mllm:
+            report(run_retrofit(ctx, name, base))
+    return runs
 
 
 def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: str | None = None,
@@ -258,43 +378,29 @@ def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: s
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = prepare(preset, log=log)
-    runs = []
-    mllm = [s for s in preset.scenarios if s != "readout"]
+    shared = prepare_data(preset, log=log)
+    runs, encoders, timings = [], {}, dict(shared.timings)
     for seed in preset.seeds:
-        if "readout" in preset.scenarios:
-            for name in preset.methods:
-                row = run_readout(ctx, name, seed)
-                runs.append(row)
-                log(f"  readout  {name:18s} seed {seed}: quadrant acc {row['after']['accuracy']:.1f} "
-                    f"(before {row['before']['accuracy']:.1f})")
-        if not mllm:
-            continue
-        base_row, base = run_method(ctx, "none", seed, "train")
-        log(f"  train    {'none':18s} seed {seed}: acc {base_row['after']['accuracy']:.1f} (the retrofit base)")
-        if "train" in preset.scenarios and "none" in preset.methods:
-            runs.append(base_row)
-        if "retrofit" in preset.scenarios and "none" in preset.methods:
-            runs.append({**base_row, "scenario": "retrofit", "before": base_row["after"], "trainable_params": 0,
-                         "train_seconds": 0.0, "cached_train_samples_per_s": None, "train_samples_per_s": None})
-        for name in preset.methods:
-            if name == "none":
-                continue
-            for scenario in mllm:
-                row, _ = run_method(ctx, name, seed, scenario, base=base)
-                runs.append(row)
-                log(f"  {scenario:8s} {name:18s} seed {seed}: acc {row['after']['accuracy']:.1f}"
-                    + (f" (before {row['before']['accuracy']:.1f})" if "before" in row else ""))
-    ctx.timings["total_s"] = time.perf_counter() - t_start
+        ctx = prepare(preset, seed, shared, log=log)
+        for k in ("encoder_s", "llm_pretrain_s", "cache_s"):
+            timings[k] = timings.get(k, 0.0) + ctx.timings[k]
+        encoders[str(seed)] = ctx.encoder_metrics
+        runs += run_seed(ctx, log=log)
+        del ctx  # the next seed's caches replace this one's
+    timings["total_s"] = time.perf_counter() - t_start
     results = {
-        "preset": preset.name, "config": asdict(preset), "data_source": ctx.ds.source, "data_dir": str(ctx.ds.root),
-        "encoder": {"pretrain_metrics": ctx.encoder_metrics, "config": ctx.encoder.config.to_dict()},
-        "timings_s": {k: round(v, 1) for k, v in ctx.timings.items()},
+        "preset": preset.name, "config": asdict(preset), "data_source": shared.ds.source, "data_dir": str(shared.ds.root),
+        "eval_split": preset.eval_split,
+        "encoder": {"pretrain_metrics": encoders[str(preset.seeds[0])], "per_seed": encoders,
+                    "config": _vision_meta(preset).config.to_dict()},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                         "machine": platform.machine()},
-        "command": command, "runs": runs, "table": aggregate(runs), "contrasts": contrasts(runs),
+        "command": command, "blind": shared.blind, "runs": runs, "table": aggregate(runs),
+        "baselines": baseline_rows(runs, shared.blind), "contrasts": contrasts(runs),
     }
     from laco.experiments.report import write_report
 
     write_report(results, out)
     return results
+

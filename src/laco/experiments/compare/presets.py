@@ -13,18 +13,28 @@ from laco.compressors.spec import parse_methods as parse_method_specs
 from laco.data.embedded import EmbeddedDataConfig
 from laco.experiments.pretrain import PretrainConfig
 
-SCENARIOS = ("readout", "train", "retrofit")
+#: readout: compressor alone against the encoder's frozen read-out; train: stage 1 (compressor + projector) then
+#: stage 2 (+ LLM), encoder frozen; train_encoder: the same stage 1, then stage 2 also trains the encoder at
+#: ``lr_stage2_encoder`` (LLaVA-OneVision's stage 2); retrofit: compressor inserted into the trained `none` model
+SCENARIOS = ("readout", "train", "train_encoder", "retrofit")
 
 
 # -- methods (grammar: laco.compressors.spec) -------------------------------------------------------
+#: the fair variants of the baselines (docs/method.md, "Baselines: fair variants"):
+PS_AVG_INIT = "pixel_shuffle(avg_pool_init=true,proj=linear)@1/4"  # no shortcut, starts as LaCo does (pooling)
+LACO_RANDOM_START = "laco(zero_init=false)@1/4"  # the shortcut, from a random start (as pixel_shuffle's)
+LDPV2_RES = "ldpv2(residual=true)@1/4"  # LDPv2 + LaCo's shortcut
+TOKENPACKER_RES = "tokenpacker(residual=true)@1/4"  # TokenPacker + LaCo's shortcut
+
 #: the comparison's rows, canonical names (results before #15 spell "laco@post" "ext_laco" and
 #: "pixel_shuffle@post" "ext_pixel_shuffle"; both spellings are accepted)
-DEFAULT_METHODS = ("none", "pixel_shuffle@post", "laco@post", "laco@1/4", "pixel_shuffle@1/4", "avg_pool@1/4",
-                   "ldpv2@1/4", "tokenpacker@1/4", "tome@1/4", "laco@1/12", "laco@1/2")
+DEFAULT_METHODS = ("none", "pixel_shuffle@post", "laco@post", "laco@1/4", "pixel_shuffle@1/4", PS_AVG_INIT,
+                   LACO_RANDOM_START, "avg_pool@1/4", "ldpv2@1/4", LDPV2_RES, "tokenpacker@1/4", TOKENPACKER_RES,
+                   "tome@1/4", "laco@1/12", "laco@1/2")
 
 
 def parse_methods(spec: str | list[str] | None) -> list[str]:
-    """'laco@1/4,pixel_shuffle@1/4' or a list -> canonical method names (default: ``DEFAULT_METHODS``)."""
+    """'laco@1/4,ldpv2(residual=true)@1/4' or a list -> canonical method names (default: ``DEFAULT_METHODS``)."""
     return list(DEFAULT_METHODS) if spec is None else [m.name for m in parse_method_specs(spec)]
 
 
@@ -51,6 +61,8 @@ class ComparePreset:
     llm: LLMConfig = field(default_factory=LLMConfig)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    # a seed s is a replicate: its own pretrained encoder (pretrain.seed = s) and text LLM, its own data order;
+    # every module all methods share (the projector) starts from the same draw for every method of a seed
     seeds: list[int] = field(default_factory=lambda: [0])
     ratio: int = 2
     projector_type: str = "mlp2x_gelu"
@@ -65,16 +77,16 @@ class ComparePreset:
     lr_llm_pretrain: float = 2e-3
     lr_stage1: float = 1e-3
     lr_stage2: float = 5e-4
+    lr_stage2_encoder: float = 1e-4  # train_encoder's encoder layers (OneVision: 1/5 of the LLM's rate)
     lr_retrofit: float = 1e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
-    # evaluation and timing
-    eval_limit: int | None = None  # test questions (None: all)
+    # evaluation (speed is `laco bench`'s job: a 2-core accuracy run's samples/s would be noise)
+    eval_split: str = "test"  # "val" while choosing a recipe: test is only for the final numbers
+    eval_limit: int | None = None  # eval questions (None: all)
     eval_batch_size: int = 128
     curve_every: int = 0  # train scenario: test accuracy every N stage-2 steps (0: off) -> acc_vs_step.png
     curve_limit: int | None = 600  # test questions per curve point (None: all)
-    timing_batches: int = 3  # uncached batches timed per method (median reported)
-    timing_batch_size: int = 32
     cache_dtype: str = "float32"  # hidden-state cache; "float16" halves its memory
     threads: int = 2  # torch threads; on a busy shared machine 1 is often faster
     cache_dir: str | None = None  # default $LACO_CACHE or ~/.cache/laco
@@ -89,13 +101,15 @@ class ComparePreset:
             raise ValueError(f"unknown scenario(s) {bad or self.scenarios!r}; choose from {SCENARIOS}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"eval_split must be 'val' (choosing a recipe) or 'test', got {self.eval_split!r}")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
         if self.pretrain.data.canvas != self.data.canvas:
             raise ValueError(f"pretrain.data.canvas {self.pretrain.data.canvas} != data.canvas {self.data.canvas}")
         if self.curve_every < 0:
             raise ValueError(f"curve_every must be >= 0 (0: no learning curve), got {self.curve_every}")
-        for k in ("batch_size", "eval_batch_size", "timing_batch_size"):
+        for k in ("batch_size", "eval_batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 
@@ -109,7 +123,7 @@ def _smoke() -> ComparePreset:
         llm=LLMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=320),
         batch_size=8, llm_pretrain_steps=2, stage1_steps=2, stage2_steps=2, retrofit_steps=2, eval_batch_size=32,
-        timing_batches=1, timing_batch_size=4, threads=1,  # tiny ops: a second thread only adds sync overhead
+        threads=1,  # tiny ops: a second thread only adds sync overhead
     )
 
 
@@ -125,7 +139,6 @@ def _full() -> ComparePreset:
         name="full", data=data, pretrain=PretrainConfig(steps=800, batch_size=96, data=data), seeds=[0, 1, 2],
         # the tiny MLLM needs ~1500+ stage-2 steps to read the image (docs/compare.md); hours on 2 CPU cores
         stage1_steps=200, stage2_steps=2000, retrofit_steps=150, readout_steps=150, llm_pretrain_steps=300,
-        timing_batches=5,
     )
 
 

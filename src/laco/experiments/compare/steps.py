@@ -1,10 +1,9 @@
 """``laco compare``'s model pieces: building the MLLM of one method, the forward from cached encoder
-states, training steps (``laco.train.optim``), one-pass exact-match evaluation and throughput."""
+states, training steps (``laco.train.optim``) and one-pass exact-match evaluation."""
 
 from __future__ import annotations
 
-import statistics
-import time
+import hashlib
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +15,14 @@ from laco.experiments.compare.presets import ComparePreset, LLMConfig
 from laco.experiments.compare.text import TokenizedSplit
 from laco.experiments.pretrain import to_pixel_values
 from laco.train.optim import build_optimizer, build_scheduler, optimizer_step
+
+def derive_seed(seed: int, role: str) -> int:
+    """An independent random stream per (replicate seed, role): "llm", "projector", "compressor", "stage1", ...
+
+    Each role draws from its own stream, so adding a method, a scenario or a module never shifts another's
+    draws: e.g. the projector of a seed starts from the same weights whatever compressor is built first."""
+    return int.from_bytes(hashlib.sha256(f"laco-compare:{seed}:{role}".encode()).digest()[:4], "little")
+
 
 # -- model building ---------------------------------------------------------------------------------
 def llm_config(cfg: LLMConfig, tok):
@@ -29,9 +36,10 @@ def llm_config(cfg: LLMConfig, tok):
     )
 
 
-def build_model(spec: MethodSpec, preset: ComparePreset, encoder, llm, tok, seed: int):
-    """A ``LaCoForConditionalGeneration`` with the pretrained encoder and LLM weights and a fresh
-    projector + compressor drawn from ``seed`` (the same projector init for every method of a seed)."""
+def build_model(spec: MethodSpec, preset: ComparePreset, encoder, llm, tok, seed: int, *, load_weights: bool = True):
+    """A ``LaCoForConditionalGeneration`` with the pretrained encoder and LLM weights, a compressor drawn from
+    the seed's "compressor" stream and a projector from its "projector" stream: for one seed, every method
+    starts from the same projector weights (the projector does not depend on the compressor: C -> D)."""
     from laco.model import LaCoConfig, LaCoForConditionalGeneration
 
     config = LaCoConfig(
@@ -40,10 +48,14 @@ def build_model(spec: MethodSpec, preset: ComparePreset, encoder, llm, tok, seed
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, "compressor"))
         model = LaCoForConditionalGeneration(config)
-    model.vision_tower.vision_model.load_state_dict(encoder.state_dict())
-    model.language_model.load_state_dict(llm.state_dict())
+        if load_weights:
+            torch.manual_seed(derive_seed(seed, "projector"))
+            model.projector.apply(model._init_weights)
+    if load_weights:
+        model.vision_tower.vision_model.load_state_dict(encoder.state_dict())
+        model.language_model.load_state_dict(llm.state_dict())
     return model
 
 
@@ -85,58 +97,71 @@ def cache_hidden_states(encoder, images: np.ndarray, layers: list[int], batch_si
 
 
 # -- training and evaluation ------------------------------------------------------------------------
-def train_steps(model, params: list[nn.Parameter], hidden: torch.Tensor | None, start: int, data: TokenizedSplit,
-                steps: int, lr: float, preset: ComparePreset, seed: int, desc: str,
-                on_step: Callable[[int], None] | None = None) -> float:
-    """AdamW + warmup/cosine on cached states (``hidden`` None: text only). Returns samples/s of these steps.
-
-    ``on_step(n)`` runs after step n (1-based), e.g. to evaluate; its time is not counted in samples/s.
-    """
+def train_steps(model, params: list[nn.Parameter] | list[dict], hidden: torch.Tensor | None, start: int,
+                data: TokenizedSplit, steps: int, lr: float, preset: ComparePreset, seed: int, desc: str,
+                on_step: Callable[[int], None] | None = None) -> None:
+    """AdamW + warmup/cosine for ``steps`` batches drawn by ``seed``, from cached encoder states after ``start``
+    layers; ``hidden`` None: ``model`` is a causal LM trained on text only. ``params``: tensors, or param groups
+    with their own learning rates (``laco.train.optim.param_groups``). ``on_step(n)`` runs after step n."""
     from tqdm.auto import tqdm
 
-    if steps <= 0 or not params:
-        return float("nan")
+    flat = [q for g in params for q in (g["params"] if isinstance(g, dict) else [g])]
+    if steps <= 0 or not flat:
+        return
     model.train()
     opt = build_optimizer(params, lr=lr, weight_decay=preset.weight_decay)
     sched = build_scheduler(opt, steps, warmup_steps=max(1, int(preset.warmup_fraction * steps)))
     gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, leave=False)
     for step in bar:
         idx = torch.randint(0, len(data), (preset.batch_size,), generator=gen)
         ids, mask, labels = data.batch(idx)
-        feats = None
-        if hidden is not None:
+        if hidden is None:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
             feats = image_features_from_hidden(model, hidden[data.image_index[idx]].float(), start)
-        _, loss = lm_logits_and_loss(model, feats, ids, mask, labels)
-        optimizer_step(loss, opt, sched, clip_params=params)
+            _, loss = lm_logits_and_loss(model, feats, ids, mask, labels)
+        optimizer_step(loss, opt, sched, clip_params=flat)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if on_step is not None:
-            t_cb = time.perf_counter()
             on_step(step + 1)
             model.train()
-            t0 += time.perf_counter() - t_cb
     model.eval()
-    return steps * preset.batch_size / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
-def evaluate_cached(model, hidden: torch.Tensor, start: int, data: TokenizedSplit, batch_size: int,
-                    limit: int | None = None) -> dict[str, Any]:
-    """Greedy exact-match accuracy (%) overall, per task and per turn, in one teacher-forced pass per batch."""
-    model.eval()
+def _exact_match(logits_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], data: TokenizedSplit,
+                 batch_size: int, limit: int | None) -> dict[str, Any]:
+    """Greedy exact-match accuracy (%) overall, per task and per turn, in one teacher-forced pass per batch:
+    greedy decoding gives the reference iff every answer position's argmax is the reference token.
+    ``logits_of(idx, ids, mask)`` -> (B, L, V) logits of the rows ``idx``."""
     n = len(data) if limit is None else min(limit, len(data))
     correct = torch.zeros(n, dtype=torch.bool)
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(n, i + batch_size))
         ids, mask, labels = data.batch(idx)
-        feats = image_features_from_hidden(model, hidden[data.image_index[idx]].float(), start)
-        logits, _ = lm_logits_and_loss(model, feats, ids, mask, None)
-        pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # position t predicts token t+1
-        scored = target != -100
-        correct[idx] = ((pred == target) | ~scored).all(1)
+        pred, target = logits_of(idx, ids, mask)[:, :-1].argmax(-1), labels[:, 1:]  # position t predicts t+1
+        correct[idx] = ((pred == target) | (target == -100)).all(1)
     return summarize(correct, data.task[:n], data.turn[:n])
+
+
+def evaluate_cached(model, hidden: torch.Tensor, start: int, data: TokenizedSplit, batch_size: int,
+                    limit: int | None = None) -> dict[str, Any]:
+    """The MLLM's greedy exact-match accuracy from cached encoder states after ``start`` layers."""
+    model.eval()
+
+    def logits_of(idx, ids, mask):
+        feats = image_features_from_hidden(model, hidden[data.image_index[idx]].float(), start)
+        return lm_logits_and_loss(model, feats, ids, mask, None)[0]
+
+    return _exact_match(logits_of, data, batch_size, limit)
+
+
+def evaluate_text_only(llm, data: TokenizedSplit, batch_size: int, limit: int | None = None) -> dict[str, Any]:
+    """A causal LM's greedy exact-match accuracy on the questions without their image (``data``: 0 image tokens)."""
+    llm.eval()
+    return _exact_match(lambda idx, ids, mask: llm(input_ids=ids, attention_mask=mask).logits, data, batch_size, limit)
 
 
 def summarize(correct: torch.Tensor, tasks: list[str], turns: list[int]) -> dict[str, Any]:
@@ -151,31 +176,3 @@ def summarize(correct: torch.Tensor, tasks: list[str], turns: list[int]) -> dict
         "per_task": {t: acc([x == t for x in tasks]) for t in sorted(set(tasks))},
         "per_turn": {str(t): acc([x == t for x in turns]) for t in sorted(set(turns))},
     }
-
-
-def measure_throughput(model, images: np.ndarray, data: TokenizedSplit, params: list[nn.Parameter],
-                       batches: int, batch_size: int) -> dict[str, float]:
-    """Median samples/s of the real (uncached) model from pixels: inference prefill, and one training step
-    (forward + backward through everything after the frozen part, optimizer excluded)."""
-    rows = torch.arange(min(len(data), batches * batch_size))
-    infer, train = [], []
-    for b in range(batches):
-        idx = rows[b * batch_size:(b + 1) * batch_size]
-        if not len(idx):
-            break
-        ids, mask, labels = data.batch(idx)
-        pix = to_pixel_values(images[data.image_index[idx].numpy()])
-        model.eval()
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, pixel_values=pix, logits_to_keep=1)
-            infer.append(len(idx) / (time.perf_counter() - t0))
-        if params:
-            model.train()
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss.backward()
-            train.append(len(idx) / (time.perf_counter() - t0))
-            model.zero_grad(set_to_none=True)
-    model.eval()
-    return {"infer_samples_per_s": round(statistics.median(infer), 1),
-            "train_samples_per_s": round(statistics.median(train), 1) if train else None}
