@@ -175,10 +175,10 @@ def test_weights_bit_identical_after_save_and_load(converted):
         return len(keys)
 
     n_vis = check("model.vision_tower.", model.vision_tower.vision_model)
-    n_llm = check("model.language_model.", model.language_model.get_decoder())
+    n_llm = check("model.language_model.", model.get_decoder())
     assert n_vis == len(model.vision_tower.vision_model.state_dict())
-    assert n_llm == len(model.language_model.get_decoder().state_dict())
-    assert torch.equal(model.language_model.get_output_embeddings().weight, src_sd["lm_head.weight"])
+    assert n_llm == len(model.get_decoder().state_dict())
+    assert torch.equal(model.get_output_embeddings().weight, src_sd["lm_head.weight"])
     proj = model.projector
     assert torch.equal(proj[0].weight, src_sd["model.multi_modal_projector.linear_1.weight"])
     assert torch.equal(proj[2].weight, src_sd["model.multi_modal_projector.linear_2.weight"])
@@ -190,8 +190,7 @@ def test_weights_bit_identical_after_save_and_load(converted):
     last = model.vision_tower.compressors["1"].proj[-1]
     assert not last.weight.any() and not last.bias.any()
     if src.config.tie_word_embeddings:
-        lm = model.language_model
-        assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def test_convert_load_generate_with_processor(converted):
@@ -255,10 +254,11 @@ def test_laco_train_stage1_from_converted_dir(converted, tmp_path):
                                         max_steps=2, batch_size=2, warmup_steps=0)])
     result = train(model, processor, records, cfg)
     changed = {n for n, p in result.model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert any(n.startswith("vision_tower.compressors.") for n in changed)
-    assert any(n.startswith("projector.") for n in changed)
-    assert ("image_newline" in changed) == (arch == "llava_onevision")
-    assert all(n.startswith(("vision_tower.compressors.", "projector.", "image_newline")) for n in changed), changed
+    assert any(n.startswith("model.vision_tower.compressors.") for n in changed)
+    assert any(n.startswith("model.multi_modal_projector.") for n in changed)
+    assert ("model.image_newline" in changed) == (arch == "llava_onevision")
+    trained = ("model.vision_tower.compressors.", "model.multi_modal_projector.", "model.image_newline")
+    assert all(n.startswith(trained) for n in changed), changed
     # laco eval on the trained model, AnyRes images included
     with open(tmp_path / "test.jsonl", "w") as f:
         for i in range(2):
@@ -309,7 +309,7 @@ def test_onevision_image_newline_maps_from_both_key_layouts(tmp_path):
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / f"out-{name}")
         assert torch.equal(model.image_newline, src.model.image_newline)
         states[name] = model.state_dict()
-    carried = [k for k in states["hub"] if not k.startswith("vision_tower.compressors.")]  # the new PML is random
+    carried = [k for k in states["hub"] if not k.startswith("model.vision_tower.compressors.")]  # the new PML is random
     assert set(states["hub"]) == set(states["new"])
     assert all(torch.equal(states["hub"][k], states["new"][k]) for k in carried)
 

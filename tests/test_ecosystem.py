@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.compat
 
@@ -198,3 +199,43 @@ def test_save_pretrained_writes_a_model_card(tmp_path):
     assert f"| tokens per image | {model.num_image_tokens} |" in card
     assert f"| encoder FLOPs vs uncompressed | {laco.encoder_cost(model.vision_tower).flop_ratio:.3f} |" in card
     assert "siglip_vision_model" in card and "qwen2" in card and "AutoModelForImageTextToText" in card
+
+
+def test_module_tree_is_llava_s_and_the_disk_keys_stay_laco_0_1_s(tmp_path):
+    """In memory, LLaVA's tree: a base ``LaCoModel`` holding tower, projector, decoder and image_newline, with
+    ``lm_head`` beside it. On disk, laco 0.1's keys (renamed on load, back on save), every tensor restored; a folder
+    with the tree's own names loads as well."""
+    from transformers import AutoModelForImageTextToText
+
+    from laco.model import LaCoModel
+    from laco.model.testing import tiny_onevision
+
+    model, _ = tiny_onevision()
+
+    def top(key: str, base: str) -> str:  # "model.vision_tower.x.y" -> "model.vision_tower"
+        return ".".join(key.split(".")[:2]) if key.startswith(base + ".") else key.split(".")[0]
+
+    sd = model.state_dict()
+    assert {top(k, "model") for k in sd} == {"model.vision_tower", "model.multi_modal_projector",
+                                             "model.language_model", "model.image_newline", "lm_head"}
+    assert isinstance(model.model, LaCoModel) and model.get_decoder() is model.model.language_model
+    assert model.vision_tower is model.model.vision_tower and model.image_newline is model.model.image_newline
+    projector = torch.nn.Sequential(*model.projector)
+    model.projector = projector  # laco's names write through to the base model
+    assert model.model.multi_modal_projector is projector and "projector" not in dict(model.named_children())
+    model.save_pretrained(tmp_path)
+    disk = load_file(tmp_path / "model.safetensors")
+    assert {top(k, "language_model") for k in disk} == {"vision_tower", "projector", "language_model.model",
+                                                        "language_model.lm_head", "image_newline"}
+    loaded, info = AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}  # no missing / unexpected / mismatched key
+    assert loaded.state_dict().keys() == sd.keys()
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+    # a folder whose keys are the tree's own names (LLaVA's layout) loads too: the renamings match laco 0.1's only
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text((tmp_path / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "llava" / "model.safetensors",
+              metadata={"format": "pt"})
+    as_llava, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert all(torch.equal(v, sd[k]) for k, v in as_llava.state_dict().items())

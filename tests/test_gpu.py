@@ -74,7 +74,7 @@ def test_train_step_cuda_bf16_autocast_matches_cpu_fp32():
     ref = dict(cpu.named_parameters())
     assert grads and all(torch.isfinite(g).all() for g in grads.values())
     # the projector's gradient (every image token passes through it) agrees with the fp32 one to bf16 accuracy
-    name = next(n for n in grads if n.startswith("projector") and n.endswith("weight"))
+    name = next(n for n in grads if n.startswith("model.multi_modal_projector") and n.endswith("weight"))
     assert _rel_err(grads[name].cpu(), ref[name].grad) < 0.1
 
 

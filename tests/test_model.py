@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import laco
 from laco.model.testing import TINY_IMAGE_TOKEN_ID, tiny_laco_config, tiny_laco_model
@@ -109,7 +110,7 @@ def test_count_mismatch_is_value_error_before_llm():
     model = tiny_laco_model()
     ids, pv = _inputs(model, n_images=1)
     calls = []
-    model.language_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match="image tokens and image features do not match"):
         model(input_ids=ids[:, :-4], pixel_values=pv)  # cuts the last image token too
     with pytest.raises(ValueError, match="1 image"):
@@ -196,7 +197,8 @@ def test_from_parts(tmp_path):
     )
     assert torch.equal(model.vision_tower.vision_model.embeddings.patch_embedding.weight,
                        vision.embeddings.patch_embedding.weight)
-    assert torch.equal(model.language_model.lm_head.weight, llm.lm_head.weight)
+    assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
+    assert torch.equal(model.get_decoder().embed_tokens.weight, llm.model.embed_tokens.weight)
     assert not any(p.is_meta for p in model.parameters())
     assert model.num_image_tokens == 16
     ids, pv = _inputs(model)
@@ -249,12 +251,12 @@ def test_tied_embeddings_round_trip(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     model = tiny_laco_model(text={"tie_word_embeddings": True})
-    lm = model.language_model
-    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert model.lm_head.weight is model.get_decoder().embed_tokens.weight
     model.save_pretrained(tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).language_model
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert torch.equal(loaded.lm_head.weight, lm.lm_head.weight)
+    assert "language_model.lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # stored once
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.get_decoder().embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_from_parts_takes_image_token_from_tokenizer(tmp_path):

@@ -136,6 +136,27 @@ def test_conversion_keeps_the_onevision_layout(pair):
     assert not any("image_newline" in n or "pinpoints" in n for n in notes)
 
 
+def test_converted_parameter_names_are_hf_onevision_s(pair):
+    """LLaVA-OneVision's module tree: every parameter of the converted model (method "none": no compressor) holds the
+    source's values under the source's name: exactly so under ``model.language_model``, ``lm_head`` and
+    ``model.image_newline``; inside the tower and projector laco's own modules rename two things, listed here."""
+    src, model, _ = pair
+    laco_to_hf = (("model.vision_tower.vision_model.", "model.vision_tower."),  # CompressedVisionEncoder's level
+                  ("model.multi_modal_projector.0.", "model.multi_modal_projector.linear_1."),  # nn.Sequential
+                  ("model.multi_modal_projector.2.", "model.multi_modal_projector.linear_2."))
+
+    def hf_name(name: str) -> str:
+        return next((hf + name[len(ours):] for ours, hf in laco_to_hf if name.startswith(ours)), name)
+
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    theirs = dict(src.named_parameters(remove_duplicate=False))
+    assert {hf_name(n) for n in ours} == set(theirs)
+    assert all(torch.equal(p, theirs[hf_name(n)]) for n, p in ours.items())  # the same values
+    exact = {n for n in ours if n == hf_name(n)}
+    assert {n.split(".")[0] if n.startswith("lm_head") else ".".join(n.split(".")[:2]) for n in exact} == {
+        "model.language_model", "lm_head", "model.image_newline"}
+
+
 @pytest.mark.parametrize("hw,tiles", [((20, 90), (1, 3)), ((100, 24), (3, 1)), ((50, 50), (2, 2))],
                          ids=["wide", "tall", "square"])
 def test_single_image_equals_hf(pair, hw, tiles):

@@ -169,7 +169,7 @@ def test_text_only_micro_batch_in_an_image_only_stage(tmp_path, toy):
     result = train(model, processor, ds, RunConfig(output_dir=str(tmp_path / "r"), stages=[stage], progress=False))
     assert result.global_step == 2 and all(np.isfinite(result.losses))
     # nothing the stage trains was used: the weights did not move (AdamW on zero gradients, no decay on them)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if not k.startswith("vision_tower.compressors"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.compressors"))
 
 
 # -- eval fingerprints -------------------------------------------------------------------------------
@@ -325,3 +325,17 @@ def test_resume_refuses_changed_data_content(tmp_path, monkeypatch):
     data.write_text(json.dumps(recs))
     with pytest.raises(ValueError, match=r"content of data file of stage 'align' changed since the run started"):
         train(*tiny(), None, run, resume=True)
+
+
+def test_resume_refuses_a_run_started_with_another_module_layout(tmp_path, toy, monkeypatch):
+    """Checkpoints hold the in-memory module names: a run started by laco 0.1 (tree ``vision_tower`` /
+    ``projector`` / ``language_model``; its fingerprint has no layout) is not resumed with LLaVA's tree."""
+    out = tmp_path / "r"
+    assert crashed_run(out, toy, monkeypatch, n_steps=3)
+    fp_file = out / "fingerprint.json"
+    fp = json.loads(fp_file.read_text())
+    assert fp.pop("model module layout") == "llava"
+    fp_file.write_text(json.dumps(fp))  # what laco 0.1 wrote
+    with pytest.raises(ValueError, match=r"cannot resume .*module names of the model layout 'laco 0\.1 .*"
+                                         r"this laco builds 'llava'"):
+        train(*tiny(), toy, cfg(out), resume=True)

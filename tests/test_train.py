@@ -59,8 +59,8 @@ def align(**kw):
 
 
 def groups_of(model):
-    names = {"compressor": "vision_tower.compressors.", "encoder": "vision_tower.vision_model.",
-             "projector": "projector.", "llm": "language_model."}
+    names = {"compressor": "model.vision_tower.compressors.", "encoder": "model.vision_tower.vision_model.",
+             "projector": "model.multi_modal_projector.", "llm": ("model.language_model.", "lm_head.")}
     return {g: {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(p)} for g, p in names.items()}
 
 
@@ -427,9 +427,10 @@ def test_cli_train_stage1_on_onevision_video_and_multi_image(tmp_path, monkeypat
     trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "align").eval()
     before, after = model.state_dict(), trained.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert "image_newline" in changed and any(k.startswith("vision_tower.compressors.") for k in changed)
-    assert any(k.startswith("projector.") for k in changed)
-    assert all(k.startswith(("vision_tower.compressors.", "projector.", "image_newline")) for k in changed), changed
+    assert "model.image_newline" in changed and any(k.startswith("model.vision_tower.compressors.") for k in changed)
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    trained_parts = ("model.vision_tower.compressors.", "model.multi_modal_projector.", "model.image_newline")
+    assert all(k.startswith(trained_parts) for k in changed), changed
     proc = AutoProcessor.from_pretrained(tmp_path / "run" / "align")
     frames = [Image.open(data / "clip" / f"{i:03d}.jpg") for i in range(4)]
     batch = proc(text="<video>\nWhat changes?", videos=[frames])

@@ -162,7 +162,8 @@ def build_models(cfg: BenchConfig, *, meta: bool = False) -> dict[str, nn.Module
                 model = LaCoForConditionalGeneration(config)
             model.vision_tower = build_vision_tower(config, shared.vision_tower.vision_model)
             model.projector = shared.projector
-            model.language_model = shared.language_model
+            model.set_decoder(shared.get_decoder())
+            model.lm_head = shared.lm_head
         models[spec.name] = model.eval()
     return models
 
@@ -204,7 +205,6 @@ def method_cases(name: str, model: nn.Module, inputs: dict[str, torch.Tensor],
                  work: Workload, parts: tuple[str, ...], optimizer: torch.optim.Optimizer | None) -> list[Case]:
     """The timed cases of one method (only the requested parts; ``compressor`` only if it has merges)."""
     px, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
-    lm = model.language_model
     timer = Timer(px.device)
     cases: list[Case] = []
 
@@ -225,15 +225,15 @@ def method_cases(name: str, model: nn.Module, inputs: dict[str, torch.Tensor],
             feats = model.vision_tower(px)
             feats = feats.last_hidden_state[:, feats.num_prefix_tokens if model.config.vision_feature_select_strategy
                                             == "default" else 0:]
-            embeds = model.merge_image_features(ids, lm.get_input_embeddings()(ids), model.projector(feats))
+            embeds = model.merge_image_features(ids, model.get_input_embeddings()(ids), model.projector(feats))
         if "projector" in parts:
             cases.append(Case(name, "projector", infer(lambda: model.projector(feats))))
         if "prefill" in parts:
             cases.append(Case(name, "prefill", infer(
-                lambda: lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1))))
+                lambda: model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1))))
         if "decode" in parts:
             with torch.inference_mode():
-                first = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                first = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
             cache, seq = output_cache(first), embeds.shape[1]
             start_token = first.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
 
@@ -241,7 +241,8 @@ def method_cases(name: str, model: nn.Module, inputs: dict[str, torch.Tensor],
                 tok, m = start_token, mask
                 for _ in range(work.new_tokens):
                     m = torch.cat([m, torch.ones_like(tok)], dim=1)
-                    out = lm(input_ids=tok, attention_mask=m, use_cache=True, logits_to_keep=1, **{CACHE_KEY: cache})
+                    out = model(input_ids=tok, attention_mask=m, use_cache=True, logits_to_keep=1,
+                                **{CACHE_KEY: cache})
                     tok = out.logits[:, -1].argmax(-1, keepdim=True)
 
             def drop_new_tokens():  # back to the prompt's cache (transformers 5: crop takes -tokens to remove)

@@ -7,7 +7,7 @@ Importing this package registers ``model_type="laco"`` with ``AutoConfig``,
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from laco.model.config import LaCoConfig
-from laco.model.modeling import LaCoForConditionalGeneration, LaCoPreTrainedModel
+from laco.model.modeling import LaCoForConditionalGeneration, LaCoModel, LaCoPreTrainedModel
 from laco.model.processing import LaCoProcessor
 from laco.model.projectors import create_projector, list_projectors, register_projector
 
@@ -16,6 +16,6 @@ AutoModelForImageTextToText.register(LaCoConfig, LaCoForConditionalGeneration, e
 AutoProcessor.register(LaCoConfig, LaCoProcessor, exist_ok=True)
 
 __all__ = [
-    "LaCoConfig", "LaCoForConditionalGeneration", "LaCoPreTrainedModel", "LaCoProcessor", "create_projector",
-    "list_projectors", "register_projector",
+    "LaCoConfig", "LaCoForConditionalGeneration", "LaCoModel", "LaCoPreTrainedModel", "LaCoProcessor",
+    "create_projector", "list_projectors", "register_projector",
 ]

@@ -3,6 +3,7 @@
 * Sub-configs: 5.24 declares them with ``SubConfigSpec`` (``sub_configs_defaults``) and builds them in the base
   ``__post_init__``; 5.17-5.23 declare ``sub_configs`` and each composite config builds its own.
 * The KV cache: 5.24 names it ``cache`` (keyword and output field); 5.17-5.23 ``past_key_values``.
+* ``slice_logits_to_keep`` (the positions an LM head projects): in 5.24, not in 5.17-5.19.
 """
 
 from __future__ import annotations
@@ -53,3 +54,13 @@ def causal_lm_output(**fields: Any) -> CausalLMOutputWithPast:
 def output_cache(output) -> Any:
     """The KV cache of a model output, under either field name."""
     return getattr(output, CACHE_KEY, None)
+
+
+try:  # 5.24 has it (also 2-D position / boolean-mask tensors); 5.17-5.19 do not
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # pragma: no cover - exercised in the oldest-transformers CI venv
+    def slice_logits_to_keep(hidden_states, logits_to_keep):
+        """(B, L, D) -> the positions the LM head projects: the last ``logits_to_keep`` (0: all) or those a 1-D
+        tensor names (the slicing of 5.17-5.19's causal LMs)."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]

@@ -1,10 +1,11 @@
 """``laco convert``: turn a pretrained LLaVA / LLaVA-OneVision checkpoint into a LaCo model.
 
     src (Hugging Face LlavaForConditionalGeneration / LlavaOnevisionForConditionalGeneration)
-        model.vision_tower            -> vision_tower.vision_model     (same tensors, unchanged)
-        (new)                         -> vision_tower.compressors      (LaCo PML, projection zero-initialised)
-        model.multi_modal_projector   -> projector                     (linear_1, act, linear_2 -> mlp2x_gelu 0, 1, 2)
-        model.language_model, lm_head -> language_model                (an AutoModelForCausalLM; same tensors)
+        model.vision_tower            -> model.vision_tower.vision_model   (same tensors, unchanged)
+        (new)                         -> model.vision_tower.compressors    (LaCo PML, projection zero-initialised)
+        model.multi_modal_projector   -> model.multi_modal_projector       (linear_1, act, linear_2 -> mlp2x_gelu 0, 1, 2)
+        model.language_model, lm_head -> model.language_model, lm_head    (same tensors)
+        model.image_newline           -> model.image_newline               (OneVision; same tensor)
 
 With the zero-initialised PML the converted tower computes the source tower with an r x r average
 pool inside the encoder after layer k: a usable starting point that ``laco train`` stage 1 (PML +
@@ -239,15 +240,13 @@ def build_converted_model(
     with torch.device("meta"):  # a skeleton: every module below is replaced by the source's or built for real
         model = LaCoForConditionalGeneration(config)
     model.vision_tower = build_vision_tower(config, vision)  # PML built on the tower's device/dtype, zero-init
-    lm = model.language_model
-    setattr(lm, lm.base_model_prefix, base.language_model)
-    lm.set_output_embeddings(source_model.get_output_embeddings())
+    model.set_decoder(base.language_model)  # the same layout as the source: decoder + lm_head
+    model.lm_head = source_model.get_output_embeddings()
     model.projector = _convert_projector(base.multi_modal_projector, adapter.dim, config.text_config.hidden_size)
     if newline is not None:
         model.image_newline = newline  # the source's learned row separator (same tensor)
     model.config.vision_config = vision.config
     model.config.text_config = base.language_model.config
-    lm.config = base.language_model.config
     if getattr(source_model, "generation_config", None) is not None:
         model.generation_config = source_model.generation_config
     src_meta = next(source_model.parameters()).is_meta  # a meta source (shape checks) stays meta
@@ -373,7 +372,7 @@ def convert_checkpoint(
         carried_tensors={
             "vision_tower": len(tower.vision_model.state_dict()),
             "projector": len(model.projector.state_dict()),
-            "language_model": len(model.language_model.state_dict()),
+            "language_model": len(model.get_decoder().state_dict()) + len(model.lm_head.state_dict()),
             "new_compressor": len(tower.compressors.state_dict()),
         },
         notes=notes,

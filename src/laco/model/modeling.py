@@ -1,14 +1,20 @@
-"""``LaCoForConditionalGeneration``: vision tower (with LaCo compression inside) -> projector -> causal LM.
+"""``LaCoForConditionalGeneration``: vision tower (with LaCo compression inside) -> projector -> LLM, in LLaVA's
+module layout (a base ``LaCoModel`` plus ``lm_head``, as ``LlavaOnevisionForConditionalGeneration``)::
 
     pixel_values (n_img, 3, H, W)
-      -> vision_tower (laco.CompressedVisionEncoder)   (n_img, P + h*w, C)
+      -> model.vision_tower (laco.CompressedVisionEncoder)      (n_img, P + h*w, C)
       -> feature select ("default" drops the P prefix tokens)   (n_img, T, C),  T = num_image_tokens
-      -> projector                                            (n_img, T, D)
+      -> model.multi_modal_projector                            (n_img, T, D)
       -> scattered, in order, into the positions of ``image_token_id`` in ``input_ids``
-      -> language_model (AutoModelForCausalLM)
+      -> model.language_model (AutoModel: the LLM's decoder)    (B, L, D)
+      -> lm_head                                                (B, L, V)
 
-State-dict keys: ``vision_tower.vision_model.*`` (the pretrained encoder), ``vision_tower.compressors.*``,
-``projector.*``, ``language_model.*``.
+State-dict keys in memory: ``model.vision_tower.vision_model.*`` (the pretrained encoder),
+``model.vision_tower.compressors.*``, ``model.multi_modal_projector.*``, ``model.language_model.*``,
+``model.image_newline``, ``lm_head.*``. On disk (``save_pretrained``) the keys keep laco 0.1's layout
+(``vision_tower.*``, ``projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``, ``image_newline``):
+``LEGACY_KEY_RENAMES`` is registered with transformers' conversion mapping, which renames them on load and back
+on save, so folders of every laco version load and the vLLM plugin reads the same keys.
 """
 
 from __future__ import annotations
@@ -19,16 +25,42 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from laco.encoders import CompressedVisionEncoder
 from laco.model import anyres
-from laco.model.compat import CACHE_KEY, causal_lm_output, output_cache
+from laco.model.compat import CACHE_KEY, causal_lm_output, output_cache, slice_logits_to_keep
 from laco.model.config import LaCoConfig, build_vision_tower, vision_tokens
 from laco.model.projectors import create_projector
 
 #: parameter-group names used by training for freezing / per-part learning rates
 PARAMETER_GROUPS = ("compressor", "encoder", "projector", "llm")
+
+#: the module tree's name, recorded in training runs (a checkpoint of accelerate's holds in-memory names, so a run
+#: started with another tree cannot resume); "llava": ``model.{vision_tower,multi_modal_projector,language_model}``
+#: + ``lm_head`` (before: ``vision_tower``, ``projector``, ``language_model`` = the causal LM)
+MODULE_LAYOUT = "llava"
+
+#: laco 0.1's state-dict keys (still the on-disk layout) -> the module tree's names. Registered for model_type
+#: "laco" below: ``from_pretrained`` renames, ``save_pretrained`` writes the keys back (transformers reverts a
+#: registered renaming on save). The causal LM's base must be ``.model`` (Qwen2, Llama, Mistral, Gemma, ...).
+LEGACY_KEY_RENAMES = (
+    (r"^language_model\.lm_head", "lm_head"),
+    (r"^language_model\.model", "model.language_model"),
+    (r"^vision_tower", "model.vision_tower"),
+    (r"^projector", "model.multi_modal_projector"),
+    (r"^image_newline", "model.image_newline"),
+)
+# at import, so that the remote-code bundle (a copy of this module) registers it too
+register_checkpoint_conversion_mapping(
+    "laco", [WeightRenaming(source_patterns=src, target_patterns=dst) for src, dst in LEGACY_KEY_RENAMES],
+    overwrite=True,
+)
+
+#: parts of the base model the top model also exposes, read and write, under laco's names
+_BASE_PARTS = {"vision_tower": "vision_tower", "projector": "multi_modal_projector", "image_newline": "image_newline"}
 
 
 def image_features(
@@ -61,10 +93,12 @@ def image_features(
     return projector(feats)  # (n_img, T, D)
 
 
+
+
 class LaCoPreTrainedModel(PreTrainedModel):
     config_class = LaCoConfig
     config: LaCoConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -73,20 +107,29 @@ class LaCoPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        if getattr(module, "image_newline", None) is not None:  # as LlavaOnevisionModel: randn / sqrt(width)
+        # The encoder and the LLM are PreTrainedModels and initialise themselves (dispatched by HF).
+        # What is left: image_newline (as LlavaOnevisionModel: randn / sqrt(width)), lm_head (normal(0, the LLM's
+        # initializer_range), as the LLM's own head), the projector (LLaVA-style normal(0, 0.02)) and the
+        # compressors, which keep their own scheme (e.g. LaCo's zero-initialised last projection): a compressor
+        # sub-module is reset with torch's default, then its owning compressor's ``reset_parameters`` re-applies
+        # the compressor-specific part (HF may visit only some sub-modules, in any order).
+        if isinstance(module, LaCoModel) and module.image_newline is not None:
             with torch.no_grad():
                 module.image_newline.normal_(0.0, 1.0 / module.image_newline.numel() ** 0.5)
-        # The encoder and the LLM are PreTrainedModels and initialise themselves (dispatched by HF).
-        # What is left: the projector (LLaVA-style normal(0, 0.02)) and the compressors, which keep
-        # their own scheme (e.g. LaCo's zero-initialised last projection): a compressor sub-module is
-        # reset with torch's default, then its owning compressor's ``reset_parameters`` re-applies the
-        # compressor-specific part (HF may visit only some sub-modules, in any order).
-        if isinstance(module, nn.Linear) and _is_in(self, "projector", module):
+            return
+        if isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
+            std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            return
+        base = self.base_model  # the LaCoModel (self, or the top model's .model)
+        if isinstance(module, nn.Linear) and _is_in(base, "multi_modal_projector", module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
             return
-        owner = _owning_compressor(self, module)
+        owner = _owning_compressor(base, module)
         if owner is not None:
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -112,16 +155,24 @@ def _owning_compressor(model: nn.Module, module: nn.Module) -> nn.Module | None:
     return None
 
 
-class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
-    """A LLaVA-style MLLM whose vision tower compresses tokens inside the encoder (LaCo)."""
+def _keep_present(model: nn.Module) -> None:
+    """Keep only ``_no_split_modules`` classes the model holds: SiglipVisionModel also names SigLIP's text and
+    pooling-head classes, and accelerate's FSDP auto-wrap refuses a class it cannot find."""
+    present = {type(m).__name__ for m in model.modules()}
+    model._no_split_modules = sorted(n for n in model._no_split_modules if n in present)
+
+
+class LaCoModel(LaCoPreTrainedModel):
+    """The base model: vision tower (LaCo compression inside), projector, the LLM's decoder and ``image_newline``;
+    ``forward`` gives the decoder's last hidden states (as ``LlavaOnevisionModel``)."""
 
     def __init__(self, config: LaCoConfig):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config)
-        self.projector = create_projector(
+        self.multi_modal_projector = create_projector(
             config.projector_type, self.vision_tower.hidden_size, config.text_config.hidden_size
         )
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
         # OneVision's learned row separator (LLM width); see laco.model.anyres
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if config.use_image_newline else None
         _check_visual_layout(self.vision_tower, config)
@@ -129,40 +180,13 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         # (device_map="auto", FSDP auto-wrap): name them here; the LLM's are collected by post_init
         self._no_split_modules = list(getattr(self.vision_tower.vision_model, "_no_split_modules", None) or [])
         self.post_init()
-        # keep only classes this model holds: SiglipVisionModel also names SigLIP's text and pooling-head
-        # classes, and accelerate's FSDP auto-wrap refuses a class it cannot find
-        present = {type(m).__name__ for m in self.modules()}
-        self._no_split_modules = sorted(n for n in self._no_split_modules if n in present)
+        _keep_present(self)
 
     # -- bookkeeping --------------------------------------------------------------------------
     @property
     def num_image_tokens(self) -> int:
         """LLM tokens per image: the compressed grid at ``config.image_size`` (+ prefix if strategy "full")."""
         return vision_tokens(self.vision_tower, self.config)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters per part: "compressor", "encoder", "projector" (+ image_newline), "llm" (disjoint; together: all)."""
-        return {
-            "compressor": list(self.vision_tower.compressors.parameters()),
-            "encoder": list(self.vision_tower.vision_model.parameters()),
-            "projector": [*self.projector.parameters(), *([self.image_newline] if self.image_newline is not None else [])],
-            "llm": list(self.language_model.parameters()),
-        }
 
     # -- image features -------------------------------------------------------------------------
     def get_image_features(
@@ -173,7 +197,7 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
 
         Or from a cached ``encoder_state`` (see ``image_features``).
         """
-        return image_features(self.vision_tower, self.projector, self.config, pixel_values,
+        return image_features(self.vision_tower, self.multi_modal_projector, self.config, pixel_values,
                               encoder_state=encoder_state, start_layer=start_layer)
 
     def tile_grid(self) -> tuple[int, int]:
@@ -254,6 +278,129 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
         feats = feats.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), feats)
 
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        past_key_values=None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """The decoder's output (``last_hidden_state`` (B, L, D), cache) with the images' and videos' tokens in place.
+
+        Images: ``pixel_values`` (+ ``image_sizes`` / ``batch_num_images`` under AnyRes), see ``get_visual_tokens``;
+        videos: ``pixel_values_videos``, see ``get_video_tokens``.
+        """
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        media = (("image", self.config.image_token_id, pixel_values,
+                  lambda: self.get_visual_tokens(pixel_values, image_sizes, batch_num_images)),
+                 ("video", self.config.video_token_id, pixel_values_videos,
+                  lambda: self.get_video_tokens(pixel_values_videos)))
+        for what, token_id, pixels, encode in media:
+            if pixels is not None:
+                if input_ids is None or token_id is None:
+                    raise ValueError(f"{what} pixels need input_ids and the config's {what}_token_id to locate them")
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, encode(), token_id)
+            elif input_ids is not None and _is_prefill(cache) and token_id is not None and bool((input_ids == token_id).any()):
+                raise ValueError(f"the input has {int((input_ids == token_id).sum())} {what} tokens (id {token_id}) "
+                                 f"but no {'pixel_values' if what == 'image' else 'pixel_values_videos'}")
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **{CACHE_KEY: cache},  # "cache" (transformers >= 5.24) or "past_key_values"
+            **kwargs,
+        )
+
+
+class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
+    """A LLaVA-style MLLM whose vision tower compresses tokens inside the encoder (LaCo): ``model`` (``LaCoModel``)
+    + ``lm_head``. ``vision_tower``, ``projector`` and ``image_newline`` name the base model's parts."""
+
+    def __init__(self, config: LaCoConfig):
+        super().__init__(config)
+        self.model = LaCoModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # tied to the decoder's input embeddings when the config ties them (named per LLM: embed_tokens, wte, ...)
+        embed = f"model.language_model.{_input_embeddings_name(self.model)}.weight"
+        self._tied_weights_keys = {"lm_head.weight": embed}
+        self.post_init()
+        _keep_present(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module registers a module / parameter assigned to ``model.vision_tower`` on the top model itself,
+        # bypassing the property: forward the base model's parts to it
+        if name in _BASE_PARTS and "model" in self.__dict__.get("_modules", {}):
+            setattr(self.model, _BASE_PARTS[name], value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def vision_tower(self) -> CompressedVisionEncoder:
+        return self.model.vision_tower
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.multi_modal_projector
+
+    @property
+    def image_newline(self) -> nn.Parameter | None:
+        return self.model.image_newline
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    # get_input_embeddings / get_output_embeddings / get_decoder and their setters: PreTrainedModel's defaults
+    # (the decoder is ``model.language_model``, the head ``lm_head``), as for LLaVA
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM tokens per image: the compressed grid at ``config.image_size`` (+ prefix if strategy "full")."""
+        return self.model.num_image_tokens
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per part: "compressor", "encoder", "projector" (+ image_newline), "llm" (decoder + lm_head;
+        disjoint; together: all, a tied lm_head once)."""
+        tower = self.model.vision_tower
+        llm = list(dict.fromkeys([*self.model.language_model.parameters(), *self.lm_head.parameters()]))
+        return {
+            "compressor": list(tower.compressors.parameters()),
+            "encoder": list(tower.vision_model.parameters()),
+            "projector": [*self.model.multi_modal_projector.parameters(),
+                          *([self.image_newline] if self.image_newline is not None else [])],
+            "llm": llm,
+        }
+
+    # -- image features (the base model's) ------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """See ``LaCoModel.get_image_features``."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_visual_tokens(self, pixel_values: torch.Tensor, image_sizes=None,
+                          batch_num_images=None) -> list[torch.Tensor]:
+        """See ``LaCoModel.get_visual_tokens``."""
+        return self.model.get_visual_tokens(pixel_values, image_sizes, batch_num_images)
+
+    def get_video_tokens(self, pixel_values_videos) -> list[torch.Tensor]:
+        """See ``LaCoModel.get_video_tokens``."""
+        return self.model.get_video_tokens(pixel_values_videos)
+
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features,
+                             token_id: int | None = None) -> torch.Tensor:
+        """See ``LaCoModel.merge_image_features``."""
+        return self.model.merge_image_features(input_ids, inputs_embeds, image_features, token_id)
+
     # -- forward --------------------------------------------------------------------------------
     def forward(
         self,
@@ -274,41 +421,25 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward with images; ``loss`` (shifted CE) when ``labels`` are given.
 
-        Images: ``pixel_values`` (+ ``image_sizes`` / ``batch_num_images`` under AnyRes), see ``get_visual_tokens``;
-        videos: ``pixel_values_videos``, see ``get_video_tokens``. Image- and video-token positions are never
-        predicted: their labels are set to -100 here.
+        Inputs as ``LaCoModel.forward``. Image- and video-token positions are never predicted: their labels are set
+        to -100 here. ``logits_to_keep``: logits of the last N positions only (0: all), as transformers' LMs.
         """
-        cache = cache if cache is not None else past_key_values
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        media = (("image", self.config.image_token_id, pixel_values,
-                  lambda: self.get_visual_tokens(pixel_values, image_sizes, batch_num_images)),
-                 ("video", self.config.video_token_id, pixel_values_videos,
-                  lambda: self.get_video_tokens(pixel_values_videos)))
-        for what, token_id, pixels, encode in media:
-            if pixels is not None:
-                if input_ids is None or token_id is None:
-                    raise ValueError(f"{what} pixels need input_ids and the config's {what}_token_id to locate them")
-                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, encode(), token_id)
-            elif input_ids is not None and _is_prefill(cache) and token_id is not None and bool((input_ids == token_id).any()):
-                raise ValueError(f"the input has {int((input_ids == token_id).sum())} {what} tokens (id {token_id}) "
-                                 f"but no {'pixel_values' if what == 'image' else 'pixel_values_videos'}")
-            if labels is not None and input_ids is not None and token_id is not None:
-                labels = labels.masked_fill(input_ids == token_id, -100)
-        out = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **{CACHE_KEY: cache},  # "cache" (transformers >= 5.24) or "past_key_values"
-            **kwargs,
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_sizes=image_sizes,
+            batch_num_images=batch_num_images, pixel_values_videos=pixel_values_videos,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+            position_ids=position_ids, use_cache=use_cache, **kwargs,
         )
+        logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                for token_id in {self.config.image_token_id, self.config.video_token_id} - {None}:
+                    labels = labels.masked_fill(input_ids == token_id, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
         return causal_lm_output(
-            loss=out.loss, logits=out.logits, cache=output_cache(out), hidden_states=out.hidden_states,
+            loss=loss, logits=logits, cache=output_cache(out), hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
 
@@ -320,6 +451,7 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
             for key in ("pixel_values", "pixel_values_videos", "image_sizes", "batch_num_images"):
                 inputs.pop(key, None)
         return inputs
+
 
     def save_pretrained(self, save_directory, *args: Any, remote_code: bool = False, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` plus a model card (README.md: parts, compression, tokens, FLOPs).
@@ -388,7 +520,8 @@ class LaCoForConditionalGeneration(LaCoPreTrainedModel, GenerationMixin):
             model = cls(config)
         ref = next(llm.parameters())
         model.vision_tower = build_vision_tower(config, vision_model)
-        model.language_model = llm
+        model.set_decoder(llm.base_model)  # the causal LM split into decoder and head: the same tensors
+        model.lm_head = llm.get_output_embeddings()
         model.projector = create_projector(projector_type, model.vision_tower.hidden_size, llm.config.hidden_size)
         model.projector.to(device=ref.device, dtype=ref.dtype)
         for m in model.projector.modules():
@@ -409,3 +542,9 @@ def _check_visual_layout(tower: CompressedVisionEncoder, config: LaCoConfig) -> 
 
 def _is_prefill(cache) -> bool:
     return cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+
+
+def _input_embeddings_name(base: LaCoModel) -> str:
+    """The decoder's input-embedding module name (``embed_tokens``, ``wte``, ...)."""
+    emb = base.language_model.get_input_embeddings()
+    return next(name for name, m in base.language_model.named_modules() if m is emb)

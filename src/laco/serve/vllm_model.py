@@ -11,9 +11,10 @@
 T, the placeholder tokens per image, is ``LaCoConfig.num_image_tokens`` (from the compression config,
 computed by the vision tower itself): a prompt's ``<image>`` is replaced by T image tokens.
 
-Checkpoint layouts (both load): laco's first layout ``vision_tower.* / projector.* / language_model.model.*
-/ language_model.lm_head.*`` (module names here match it) and the LLaVA layout ``model.vision_tower.* /
-model.projector.* (or model.multi_modal_projector.*) / model.language_model.* / lm_head.*``.
+Checkpoint layouts (both load): laco's on-disk layout ``vision_tower.* / projector.* / language_model.model.* /
+language_model.lm_head.*`` (what ``save_pretrained`` writes; module names here match it) and the LLaVA layout
+``model.vision_tower.* / model.projector.* (or model.multi_modal_projector.*) / model.language_model.* / lm_head.*``
+(the in-memory names of ``LaCoForConditionalGeneration``).
 
 Not supported (a clear error at load): AnyRes multi-crop, tensor or pipeline parallelism > 1, an image
 token other than ``<image>`` (vLLM's chat front end inserts that string).
@@ -158,7 +159,7 @@ class LaCoMultiModalProcessor(BaseMultiModalProcessor[LaCoProcessingInfo]):
 class LaCoVLLMForConditionalGeneration(nn.Module, SupportsMultiModal):
     """LaCo in vLLM: laco's vision tower and projector (eager), vLLM's language model."""
 
-    # the LLaVA layout -> the module names here (laco's first layout is already these names)
+    # the LLaVA layout -> the module names here (laco's on-disk layout is already these names)
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
             "model.vision_tower.": "vision_tower.",

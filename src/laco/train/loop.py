@@ -58,6 +58,7 @@ from laco.safety import (
     weights_identity,
     write_marker,
 )
+from laco.model.modeling import MODULE_LAYOUT
 from laco.train.config import DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
 from laco.train.optim import _lora_wrapped, build_optimizer, build_scheduler, freeze_for_stage, param_groups
 
@@ -66,6 +67,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.yaml"
 FINGERPRINT_FILE = "fingerprint.json"
+LAYOUT_KEY = "model module layout"  # in the fingerprint: checkpoints hold the in-memory module names
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -127,22 +129,23 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
 
 
 def apply_lora(model: nn.Module, lora) -> nn.Module:
-    """Wrap ``model.language_model`` with peft LoRA adapters (``lora``: a ``laco.train.config.LoraConfig``)."""
+    """Wrap the LLM's decoder (``model.get_decoder()``) with peft LoRA adapters (``lora``: a
+    ``laco.train.config.LoraConfig``); ``lm_head`` gets none."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import LoraModel
 
-    if _lora_wrapped(model.language_model):
+    if _lora_wrapped(model.get_decoder()):
         raise ValueError("the LLM already carries LoRA adapters")
     cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), bias="none")
-    model.language_model = LoraModel(model.language_model, cfg, "default")
+    model.set_decoder(LoraModel(model.get_decoder(), cfg, "default"))
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge LoRA adapters into the LLM weights and remove them (no-op without adapters)."""
-    if _lora_wrapped(model.language_model):
-        model.language_model = model.language_model.merge_and_unload()
+    if _lora_wrapped(model.get_decoder()):
+        model.set_decoder(model.get_decoder().merge_and_unload())
     return model
 
 
@@ -299,14 +302,20 @@ def _check_resumable(out: Path, config: RunConfig, resume: bool) -> None:
         if (out / FINGERPRINT_FILE).is_file():
             saved = read_json_object(out / FINGERPRINT_FILE, "run fingerprint")
             changed = fingerprint_mismatch(saved, run_fingerprint(config))
+            if LAYOUT_KEY in changed:
+                raise ValueError(
+                    f"cannot resume {out}: its checkpoints hold the module names of the model layout "
+                    f"{saved.get(LAYOUT_KEY, 'laco 0.1 (vision_tower, projector, language_model)')!r}, this laco "
+                    f"builds {MODULE_LAYOUT!r}; start a new output_dir (a finished stage's model folder loads)")
             if changed:
                 raise ValueError(f"cannot resume {out}: the content of {', '.join(changed)} changed since the run "
                                  "started (sha256 differs); start a new output_dir")
 
 
 def run_fingerprint(config: RunConfig) -> dict[str, Any]:
-    """Content hashes of what a run reads from disk: each stage's data file and the model source folders."""
-    fp: dict[str, Any] = {}
+    """Content hashes of what a run reads from disk (each stage's data file, the model source folders) and the
+    model's module layout (``MODULE_LAYOUT``: its checkpoints hold the module names)."""
+    fp: dict[str, Any] = {LAYOUT_KEY: MODULE_LAYOUT}
     for s in config.stages:
         dc = config.stage_data(s)
         if dc is not None and dc.path is not None and Path(dc.path).is_file():

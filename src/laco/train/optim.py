@@ -45,7 +45,7 @@ def freeze_for_stage(model: nn.Module, trainable_groups: Sequence[str]) -> list[
     if unknown:
         raise ValueError(f"unknown parameter group(s) {unknown}; the model has {list(groups)}")
     lora_ids = set()
-    llm = getattr(model, "language_model", None)
+    llm = model.get_decoder() if hasattr(model, "get_decoder") else None  # where apply_lora puts the adapters
     if llm is not None and _lora_wrapped(llm):
         lora_ids = {id(p) for n, p in llm.named_parameters() if "lora_" in n}
     for p in model.parameters():

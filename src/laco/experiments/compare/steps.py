@@ -55,7 +55,8 @@ def build_model(spec: MethodSpec, preset: ComparePreset, encoder, llm, tok, seed
             model.projector.apply(model._init_weights)
     if load_weights:
         model.vision_tower.vision_model.load_state_dict(encoder.state_dict())
-        model.language_model.load_state_dict(llm.state_dict())
+        model.get_decoder().load_state_dict(llm.base_model.state_dict())  # the causal LM = decoder + lm_head
+        model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
     return model
 
 
@@ -75,7 +76,7 @@ def lm_logits_and_loss(model, feats: torch.Tensor | None, ids, mask, labels):
     emb = model.get_input_embeddings()(ids)
     if feats is not None:
         emb = model.merge_image_features(ids, emb, feats)
-    out = model.language_model(inputs_embeds=emb, attention_mask=mask, labels=labels)
+    out = model(inputs_embeds=emb, attention_mask=mask, labels=labels)
     return out.logits, out.loss
 
 
