@@ -239,3 +239,25 @@ def test_module_tree_is_llava_s_and_the_disk_keys_stay_laco_0_1_s(tmp_path):
     as_llava, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "llava", output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}
     assert all(torch.equal(v, sd[k]) for k, v in as_llava.state_dict().items())
+
+
+def test_auto_model_gives_the_base_model(tmp_path):
+    """``AutoModel`` gives the base ``LaCoModel`` (as for LLaVA): every base weight in place, ``lm_head`` left over."""
+    from transformers import AutoModel
+
+    from laco.model import LaCoModel
+    from laco.model.testing import tiny_laco_model
+
+    model = tiny_laco_model()
+    model.save_pretrained(tmp_path)
+    base, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(base, LaCoModel)
+    assert {k: v for k, v in info.items() if v} == {"unexpected_keys": {"lm_head.weight"}}
+    sd = model.model.state_dict()
+    assert base.state_dict().keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in base.state_dict().items())
+    # the top model is lm_head on the base model's hidden states
+    ids = torch.tensor([[1, *[model.config.image_token_id] * model.num_image_tokens, 10, 11]])
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = base.eval()(input_ids=ids, pixel_values=pixels).last_hidden_state  # (1, L, D)
+        torch.testing.assert_close(model.lm_head(hidden), model(input_ids=ids, pixel_values=pixels).logits)
