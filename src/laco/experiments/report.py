@@ -164,7 +164,7 @@ def _finish(fig, axes, title: str, path: Path) -> Path:
     """y from 0 (a zoomed axis makes noise look like a ranking), one legend for the figure, saved."""
     handles = {}
     for ax in axes:
-        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 10))
+        ax.set_ylim(bottom=0, top=max(1.08 * ax.get_ylim()[1], 10))  # room above the top point and lines
         ax.grid(alpha=0.3)
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
