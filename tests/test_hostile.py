@@ -324,6 +324,10 @@ CASES = [
     Case("compare-threads-0", "compare --threads 0 --out {t}/co", "threads"),
     Case("compare-unknown-preset", "compare --preset nope --out {t}/co", "nope"),
     Case("compare-unknown-method", "compare --methods bogus --out {t}/co", "bogus"),
+    Case("compare-unknown-option", "compare --methods ldpv2(bogus=1)@1/4 --out {t}/co", "bogus"),
+    Case("compare-option-syntax", "compare --methods ldpv2(residual)@1/4 --out {t}/co", "key=value"),
+    Case("compare-option-conflict", "compare --methods pixel_shuffle(avg_pool_init=true)@1/4 --out {t}/co",
+         "avg_pool_init"),
     Case("compare-merge-no-out", "compare --merge {t}", "--out"),
     Case("compare-out-is-file", "compare --preset smoke --out {t}/f", "f", setup=a_file("f")),
     # train

@@ -40,11 +40,14 @@ def compare(
     if list_methods:
         from laco.compressors.spec import METHOD_ALIASES, parse_method
 
+        width = max(map(len, DEFAULT_METHODS))
         for name in DEFAULT_METHODS:
             spec = parse_method(name)
-            console.print(f"{name:20s} {spec.compressor} @ {spec.layer or '-'}")
-        console.print("any '<compressor>@<layer>' works too; deprecated aliases: "
-                      + ", ".join(f"{a} = {c}" for a, c in METHOD_ALIASES.items()))
+            opts = ", ".join(f"{k}={v}" for k, v in spec.kwargs)
+            console.print(f"{name:{width}s}  {spec.compressor} @ {spec.layer or '-'}" + (f" ({opts})" if opts else ""),
+                          markup=False)
+        console.print("any '<compressor>@<layer>' or '<compressor>(key=value,...)@<layer>' works too; deprecated "
+                      "aliases: " + ", ".join(f"{a} = {c}" for a, c in METHOD_ALIASES.items()), markup=False)
         return
     command = "laco " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if merge:

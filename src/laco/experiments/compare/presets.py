@@ -36,9 +36,21 @@ QUICK_METHODS = ("none", "pixel_shuffle@post", "laco@post", "laco@1/4", "pixel_s
                  LACO_RANDOM_START, "avg_pool@1/4", "ldpv2@1/4", LDPV2_RES)
 
 
-def parse_methods(spec: str | list[str] | None) -> list[str]:
-    """'laco@1/4,ldpv2(residual=true)@1/4' or a list -> canonical method names (default: ``DEFAULT_METHODS``)."""
-    return list(DEFAULT_METHODS) if spec is None else [m.name for m in parse_method_specs(spec)]
+def parse_methods(spec: str | list[str] | None, ratio: int = 2) -> list[str]:
+    """'laco@1/4,ldpv2(residual=true)@1/4' or a list -> canonical method names (default: ``DEFAULT_METHODS``).
+
+    Compressor options are checked here, by building each compressor at a tiny width, so a wrong option
+    fails before any data or model is built."""
+    from laco.compressors import create_compressor
+
+    specs = parse_method_specs(list(DEFAULT_METHODS) if spec is None else spec)
+    for m in specs:
+        if m.kwargs:
+            try:
+                create_compressor(m.compressor, 8, ratio, **dict(m.kwargs))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"method {m.name!r}: {err}") from None
+    return [m.name for m in specs]
 
 
 # -- presets ----------------------------------------------------------------------------------------
@@ -98,7 +110,7 @@ class ComparePreset:
         for name, cls in (("data", EmbeddedDataConfig), ("pretrain", PretrainConfig), ("llm", LLMConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
-        self.methods = parse_methods(self.methods)
+        self.methods = parse_methods(self.methods, self.ratio)
         bad = [s for s in self.scenarios if s not in SCENARIOS]
         if bad or not self.scenarios:
             raise ValueError(f"unknown scenario(s) {bad or self.scenarios!r}; choose from {SCENARIOS}")
