@@ -88,9 +88,12 @@ def _fsdp(worker: Path, config: Path, delay: float = 0.0, *extra: str) -> list[s
 
 
 def _weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """A stage's saved weights under the model's parameter names (loaded as laco loads them)."""
+    from transformers import AutoModelForImageTextToText
 
-    return load_file(run / stage / "model.safetensors")
+    import laco.model  # noqa: F401  (registers the Auto classes)
+
+    return AutoModelForImageTextToText.from_pretrained(run / stage).state_dict()
 
 
 def _losses(run: Path) -> list[float]:
