@@ -124,7 +124,7 @@ def test_blind_row_is_computed_from_the_data(smoke_results):
     results, _ = smoke_results
     data_dir = __import__("pathlib").Path(results["data_dir"])
     ref = blind_baseline(data_dir / "train.json", data_dir / "test.jsonl")
-    assert results["blind"]["accuracy"] == ref.accuracy and results["baselines"][0]["acc_mean"] == ref.accuracy
+    assert results["blind"]["accuracy"] == ref.accuracy and results["baselines"][0]["acc_mean"] == round(ref.accuracy, 2)
     text = [r for r in results["runs"] if r["scenario"] == "baseline"]
     assert [r["seed"] for r in text] == [0] and results["baselines"][1]["acc_mean"] == text[0]["after"]["accuracy"]
 
@@ -416,3 +416,19 @@ def test_learning_curve_ends_at_the_final_accuracy(tmp_path):
     assert all(row["curve"] for row in results["table"]) and (tmp_path / "out" / "acc_vs_step.png").is_file()
     with pytest.raises(ValueError, match="curve_every"):
         C.load_preset("smoke", curve_every=-1)
+
+
+def test_readout_only_builds_no_llm(tmp_path, monkeypatch):
+    """A readout-only run needs no LLM, token splits or blind row (and does not pretrain an LLM)."""
+    from laco.experiments.compare import pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("a readout-only run must not pretrain an LLM")
+
+    monkeypatch.setattr(pipeline, "pretrain_llm", boom)
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path / "cache"), methods=["none", "laco@1/4", "tome@1/4"],
+                           scenarios=["readout"])
+    results = C.run_compare(preset, tmp_path / "out", log=lambda *a: None)
+    assert {(r["scenario"], r["method"]) for r in results["table"]} == {
+        ("readout", "none"), ("readout", "laco@1/4"), ("readout", "tome@1/4")}
+    assert results["blind"] is None and results["baselines"] == [] and (tmp_path / "out" / "results.md").is_file()

@@ -45,7 +45,7 @@ class Shared:
     ds: EmbeddedDataset
     tok: Any
     splits: dict[tuple[str, int], TokenizedSplit]  # (split, image tokens) -> tokens; 0 tokens = text only
-    blind: dict[str, Any]  # laco.eval.blind on the eval split
+    blind: dict[str, Any] | None  # laco.eval.blind on the eval split (None: readout only)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -58,7 +58,7 @@ class Context:
     ds: EmbeddedDataset
     tok: Any
     encoder: Any
-    llm: Any
+    llm: Any  # None when the preset runs only the readout scenario
     encoder_metrics: dict
     readout: Any  # the encoder's pretraining head (quadrant classes), frozen
     hidden: dict[str, dict[int, torch.Tensor]]  # split -> layer -> states
@@ -104,12 +104,18 @@ def prepare_data(preset: ComparePreset, *, log=print) -> Shared:
     with torch.device("meta"):
         tokens = {build_model(parse_method(m), preset, vision, llm, tok, 0, load_weights=False).num_image_tokens
                   for m in {*preset.methods, "none"}}
+    if not _has_mllm(preset):  # readout only: no LLM, so no token splits and no blind row
+        return Shared(preset, ds, tok, {}, None, {"data_s": time.perf_counter() - t})
     splits = {(s, n): tokenize_split(tok, convs[s], n) for s in convs for n in sorted(tokens)}
     splits.update({(s, 0): tokenize_split(tok, convs[s], 0, with_image=False) for s in convs})
     blind = blind_baseline(ds.root / "train.json", ds.eval_file(preset.eval_split)).as_dict()
     blind.pop("predictions", None)
     log(f"blind baseline (most frequent training answer per question): {blind['accuracy']:.1f}% on {preset.eval_split}")
     return Shared(preset, ds, tok, splits, blind, {"data_s": time.perf_counter() - t})
+
+
+def _has_mllm(preset: ComparePreset) -> bool:
+    return any(s != "readout" for s in preset.scenarios)
 
 
 def pretrain_llm(preset: ComparePreset, tok, text: TokenizedSplit, seed: int) -> Any:
@@ -137,19 +143,20 @@ def prepare(preset: ComparePreset, seed: int | None = None, shared: Shared | Non
     log(f"seed {seed}: pretrained encoder, quadrant accuracy {enc_metrics['quadrant_acc']}%, dot "
         f"{enc_metrics['dot_acc']}% (held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
     t = time.perf_counter()
-    llm = pretrain_llm(preset, shared.tok, shared.splits[("train", 0)], seed)
+    llm = pretrain_llm(preset, shared.tok, shared.splits[("train", 0)], seed) if _has_mllm(preset) else None
     timings["llm_pretrain_s"] = time.perf_counter() - t
     # the encoder states each method starts from (train_encoder trains every layer: it starts at 0)
     starts = {0} if "train_encoder" in preset.scenarios else set()
     with torch.device("meta"):
         for m in {*preset.methods, "none"}:
-            starts.add(start_layer(build_model(parse_method(m), preset, encoder, llm, shared.tok, 0, load_weights=False)))
+            starts.add(start_layer(build_model(parse_method(m), preset, encoder, llm or _llm_meta(preset, shared.tok),
+                                               shared.tok, 0, load_weights=False)))
     t = time.perf_counter()
     dtype = getattr(torch, preset.cache_dtype)
     hidden = {s: cache_hidden_states(encoder, shared.ds.scenes[s].images, sorted(starts), dtype=dtype,
                                      desc=f"caching {s} states") for s in ("train", preset.eval_split)}
     timings["cache_s"] = time.perf_counter() - t
-    for q in [*encoder.parameters(), *readout.parameters(), *llm.parameters()]:
+    for q in [*encoder.parameters(), *readout.parameters(), *(llm.parameters() if llm is not None else [])]:
         q.requires_grad_(False)
     return Context(preset, seed, shared.ds, shared.tok, encoder, llm, enc_metrics, readout, hidden, shared.splits,
                    timings)

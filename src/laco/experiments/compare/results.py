@@ -63,7 +63,7 @@ def baseline_rows(runs: list[dict[str, Any]], blind: dict[str, Any] | None) -> l
     question, computed from the data) and the text-only LLM (mean ± std over seeds)."""
     rows = []
     if blind:
-        rows.append({"name": "blind (majority answer)", "seeds": None, "acc_mean": blind["accuracy"], "acc_std": 0.0,
+        rows.append({"name": "blind (majority answer)", "seeds": None, "acc_mean": round(blind["accuracy"], 2), "acc_std": 0.0,
                      "per_task": blind["per_task"]})
     text = [r for r in runs if r["scenario"] == BASELINE]
     if text:
