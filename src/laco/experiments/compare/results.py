@@ -132,9 +132,11 @@ def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) 
         parts.append((path, json.loads(path.read_text())))
 
     def same(results: dict[str, Any]) -> dict[str, Any]:
+        # since v2 every seed pretrains its own encoder: the parts must share its config, not its weights
         cfg = {k: v for k, v in results["config"].items() if k not in _PER_PART_FIELDS}
+        enc = results["encoder"]
         return {"preset": results["preset"], "config": cfg, "data_source": results["data_source"],
-                "encoder": results["encoder"]}
+                "encoder": enc["config"] if "per_seed" in enc else enc}
 
     ref_path, ref = parts[0]
     for path, res in parts[1:]:
@@ -152,12 +154,14 @@ def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) 
             seen.add(key)
             runs.append(r)
     seeds = sorted({r["seed"] for r in runs})
+    per_seed = {k: v for _, res in parts for k, v in res["encoder"].get("per_seed", {}).items()}
     timings: dict[str, float] = {}
     for _, res in parts:  # serial-equivalent work: the parts' wall times summed
         for k, v in res["timings_s"].items():
             timings[k] = round(timings.get(k, 0.0) + v, 1)
     return {
         **ref, "config": {**ref["config"], "seeds": seeds}, "timings_s": timings, "command": command,
+        "encoder": {**ref["encoder"], **({"per_seed": per_seed} if per_seed else {})},
         "merged_from": [{"dir": str(Path(d)), "command": res.get("command"), "seeds": res["config"]["seeds"],
                          "timings_s": res["timings_s"], "environment": res["environment"]}
                         for d, (_, res) in zip(dirs, parts)],
