@@ -17,7 +17,8 @@ A **method** is a compressor at a layer spec::
                            floats or words; a list of methods splits on the commas outside parentheses)
 
 Canonical names are ``none`` and ``<compressor>[(<kwargs>)]@<layers>`` with the layers as parsed (lower case,
-ints as digits) and the kwargs sorted by key (``true``/``false`` for booleans). Deprecated aliases, kept because committed results and configs use them:
+ints as digits) and the kwargs sorted by key (``true``/``false`` for booleans). Deprecated aliases, kept
+because committed results and configs use them:
 
     "post"               -> "laco@post"            (``laco bench --methods``)
     "ext_laco"           -> "laco@post"            (``laco compare``: benchmarks/results/compare/**)
@@ -169,6 +170,7 @@ def parse_method(text: str | MethodSpec) -> MethodSpec:
         return MethodSpec("none")
     if "@" not in s:
         raise ValueError(f"method {text!r}: expected 'none' or '<compressor>@<layer>' such as 'laco@1/4'")
+    # the layer spec follows the last "@" when options are given (a layer spec never holds ")")
     comp, _, layer_text = s.rpartition("@") if ")" in s else s.partition("@")
     comp, kwargs = comp.strip(), ()
     if "(" in comp or ")" in comp:
