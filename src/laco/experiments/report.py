@@ -148,7 +148,8 @@ def _style(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         layer = _spec({"method": m}).layer
         marker = "D" if m == "none" else "s" if layer == "post" else "o"
-        out[m] = ("gray" if m == "none" else cmap(i % 20), marker)
+        # tab20 pairs a dark and a light shade of each hue: the first 10 methods get the 10 dark hues
+        out[m] = ("gray" if m == "none" else cmap((2 * i) % 20 + (i // 10) % 2), marker)
     return out
 
 
