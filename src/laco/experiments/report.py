@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from laco.compressors.spec import MethodSpec, parse_method
+from laco.experiments.compare.presets import MLLM_SCENARIOS
 from laco.io import atomic_write_text
 
 
@@ -23,9 +24,6 @@ def _fmt(mean: float | None, std: float | None, seeds: int | None) -> str:
 
 def _num(x: Any, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-MLLM_SCENARIOS = ("train", "train_encoder", "retrofit")
 
 
 def _depth(r: dict[str, Any]) -> str:

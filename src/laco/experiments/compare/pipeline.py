@@ -18,7 +18,7 @@ from torch import nn
 
 from laco.compressors.spec import parse_method
 from laco.data.embedded import EmbeddedDataset, build_embedded_dataset
-from laco.experiments.compare.presets import ComparePreset
+from laco.experiments.compare.presets import MLLM_SCENARIOS, ComparePreset
 from laco.experiments.compare.results import aggregate, baseline_rows, contrasts
 from laco.experiments.compare.steps import (
     build_model,
@@ -45,6 +45,7 @@ class Shared:
     ds: EmbeddedDataset
     tok: Any
     splits: dict[tuple[str, int], TokenizedSplit]  # (split, image tokens) -> tokens; 0 tokens = text only
+    starts: list[int]  # the encoder layers whose states the methods start from (cached per seed)
     blind: dict[str, Any] | None  # laco.eval.blind on the eval split (None: readout only)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -99,23 +100,27 @@ def prepare_data(preset: ComparePreset, *, log=print) -> Shared:
         f"{preset.eval_split} {len(ds.scenes[preset.eval_split])})")
     tok = build_tokenizer(ds, preset.llm.vocab_size)
     convs = {s: conversations(ds, s) for s in ("train", preset.eval_split)}
-    # how many image tokens each method gives the LLM (config only: meta-device modules)
+    # how many image tokens each method gives the LLM, and after which encoder layer its trainable part starts
+    # (config only: meta-device modules); train_encoder trains every layer, so it starts at 0
     vision, llm = _vision_meta(preset), _llm_meta(preset, tok)
+    tokens, starts = set(), {0} if "train_encoder" in preset.scenarios else set()
     with torch.device("meta"):
-        tokens = {build_model(parse_method(m), preset, vision, llm, tok, 0, load_weights=False).num_image_tokens
-                  for m in {*preset.methods, "none"}}
+        for m in {*preset.methods, "none"}:
+            model = build_model(parse_method(m), preset, vision, llm, tok, 0, load_weights=False)
+            tokens.add(model.num_image_tokens)
+            starts.add(start_layer(model))
     if not _has_mllm(preset):  # readout only: no LLM, so no token splits and no blind row
-        return Shared(preset, ds, tok, {}, None, {"data_s": time.perf_counter() - t})
+        return Shared(preset, ds, tok, {}, sorted(starts), None, {"data_s": time.perf_counter() - t})
     splits = {(s, n): tokenize_split(tok, convs[s], n) for s in convs for n in sorted(tokens)}
     splits.update({(s, 0): tokenize_split(tok, convs[s], 0, with_image=False) for s in convs})
     blind = blind_baseline(ds.root / "train.json", ds.eval_file(preset.eval_split)).as_dict()
     blind.pop("predictions", None)
     log(f"blind baseline (most frequent training answer per question): {blind['accuracy']:.1f}% on {preset.eval_split}")
-    return Shared(preset, ds, tok, splits, blind, {"data_s": time.perf_counter() - t})
+    return Shared(preset, ds, tok, splits, sorted(starts), blind, {"data_s": time.perf_counter() - t})
 
 
 def _has_mllm(preset: ComparePreset) -> bool:
-    return any(s != "readout" for s in preset.scenarios)
+    return any(s in MLLM_SCENARIOS for s in preset.scenarios)
 
 
 def pretrain_llm(preset: ComparePreset, tok, text: TokenizedSplit, seed: int) -> Any:
@@ -145,15 +150,9 @@ def prepare(preset: ComparePreset, seed: int | None = None, shared: Shared | Non
     t = time.perf_counter()
     llm = pretrain_llm(preset, shared.tok, shared.splits[("train", 0)], seed) if _has_mllm(preset) else None
     timings["llm_pretrain_s"] = time.perf_counter() - t
-    # the encoder states each method starts from (train_encoder trains every layer: it starts at 0)
-    starts = {0} if "train_encoder" in preset.scenarios else set()
-    with torch.device("meta"):
-        for m in {*preset.methods, "none"}:
-            starts.add(start_layer(build_model(parse_method(m), preset, encoder, llm or _llm_meta(preset, shared.tok),
-                                               shared.tok, 0, load_weights=False)))
     t = time.perf_counter()
     dtype = getattr(torch, preset.cache_dtype)
-    hidden = {s: cache_hidden_states(encoder, shared.ds.scenes[s].images, sorted(starts), dtype=dtype,
+    hidden = {s: cache_hidden_states(encoder, shared.ds.scenes[s].images, shared.starts, dtype=dtype,
                                      desc=f"caching {s} states") for s in ("train", preset.eval_split)}
     timings["cache_s"] = time.perf_counter() - t
     for q in [*encoder.parameters(), *readout.parameters(), *(llm.parameters() if llm is not None else [])]:
@@ -351,7 +350,7 @@ def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
     if "readout" in p.scenarios:
         for name in p.methods:
             report(run_readout(ctx, name))
-    mllm = [s for s in p.scenarios if s != "readout"]
+    mllm = [s for s in p.scenarios if s in MLLM_SCENARIOS]
     if not mllm:
         return runs
     text = evaluate_text_only(ctx.llm, ctx.splits[(ctx.eval_split, 0)], p.eval_batch_size, p.eval_limit)

@@ -17,6 +17,8 @@ from laco.experiments.pretrain import PretrainConfig
 #: stage 2 (+ LLM), encoder frozen; train_encoder: the same stage 1, then stage 2 also trains the encoder at
 #: ``lr_stage2_encoder`` (LLaVA-OneVision's stage 2); retrofit: compressor inserted into the trained `none` model
 SCENARIOS = ("readout", "train", "train_encoder", "retrofit")
+#: the scenarios that train and score the MLLM (readout trains only the compressor against the encoder's head)
+MLLM_SCENARIOS = ("train", "train_encoder", "retrofit")
 
 
 # -- methods (grammar: laco.compressors.spec) -------------------------------------------------------

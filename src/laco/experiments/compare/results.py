@@ -103,10 +103,9 @@ def contrasts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             a_name, b_name = spelled[a], spelled[b]
             verdict = (f"{a_name} higher on every seed" if min(d) > 0 else f"{b_name} higher on every seed"
                        if max(d) < 0 else "mixed across seeds")  # a tie on any seed is not agreement
+            mean, std = _mean_std(d)
             out.append({"scenario": scenario, "a": a_name, "b": b_name, "seeds": seeds, "diffs": d,
-                        "mean": round(statistics.mean(d), 2),
-                        "std": round(statistics.stdev(d), 2) if len(d) > 1 else 0.0,
-                        "verdict": verdict if len(d) > 1 else "one seed"})
+                        "mean": mean, "std": std, "verdict": verdict if len(d) > 1 else "one seed"})
     return out
 
 
