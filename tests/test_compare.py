@@ -436,3 +436,18 @@ def test_readout_only_builds_no_llm(tmp_path, monkeypatch):
     assert {(r["scenario"], r["method"]) for r in results["table"]} == {
         ("readout", "none"), ("readout", "laco@1/4"), ("readout", "tome@1/4")}
     assert results["blind"] is None and results["baselines"] == [] and (tmp_path / "out" / "results.md").is_file()
+
+
+def test_eval_split_val_scores_the_val_questions(tmp_path):
+    """eval_split: val (for choosing a recipe) scores the val questions, blind row included; test is untouched."""
+    from laco.eval.blind import blind_baseline
+
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path / "cache"), methods=["none"], scenarios=["train"],
+                           eval_split="val")
+    results = C.run_compare(preset, tmp_path / "out", log=lambda *a: None)
+    data_dir = __import__("pathlib").Path(results["data_dir"])
+    row = next(r for r in results["runs"] if r["scenario"] == "train")
+    assert results["eval_split"] == "val" and row["after"]["n"] == len((data_dir / "val.jsonl").read_text().splitlines())
+    assert results["blind"]["accuracy"] == blind_baseline(data_dir / "train.json", data_dir / "val.jsonl").accuracy
+    with pytest.raises(ValueError, match="eval_split"):
+        C.load_preset("smoke", eval_split="train")
