@@ -451,3 +451,24 @@ def test_eval_split_val_scores_the_val_questions(tmp_path):
     assert results["blind"]["accuracy"] == blind_baseline(data_dir / "train.json", data_dir / "val.jsonl").accuracy
     with pytest.raises(ValueError, match="eval_split"):
         C.load_preset("smoke", eval_split="train")
+
+
+def test_scenario_methods_run_a_subset_per_scenario(tmp_path):
+    """scenario_methods: a costly scenario runs fewer methods; the retrofit base is trained even when `none` is
+    not one of train's rows; hand-chosen --methods run everywhere; a method outside `methods` is refused."""
+    preset = C.load_preset("smoke", cache_dir=str(tmp_path / "cache"),
+                           methods=["none", "laco@1/4", "pixel_shuffle@1/4"],
+                           scenarios=["readout", "train", "train_encoder", "retrofit"])
+    preset = CP._merge(preset, {"scenario_methods": {"readout": ["laco@1/4"], "train": ["laco@1/4", "pixel_shuffle@1/4"],
+                                                     "train_encoder": ["none", "laco@1/4"], "retrofit": ["laco@1/4"]}})
+    results = C.run_compare(preset, tmp_path / "out", log=lambda *a: None)
+    ran = {(r["scenario"], r["method"]) for r in results["runs"] if r["scenario"] != "baseline"}
+    assert ran == {("readout", "laco@1/4"), ("train", "laco@1/4"), ("train", "pixel_shuffle@1/4"),
+                   ("train_encoder", "none"), ("train_encoder", "laco@1/4"), ("retrofit", "laco@1/4")}
+    full = C.load_preset("full")
+    assert full.methods_for("train_encoder") == ["none", "laco@1/4", "pixel_shuffle@1/4"]
+    assert C.load_preset("full", methods="none,laco@1/4").methods_for("train_encoder") == ["none", "laco@1/4"]
+    with pytest.raises(ValueError, match="not in methods"):
+        CP._merge(preset, {"scenario_methods": {"train": ["laco@1/2"]}})
+    with pytest.raises(ValueError, match="unknown scenario 'trian'"):
+        CP._merge(preset, {"scenario_methods": {"trian": ["none"]}})

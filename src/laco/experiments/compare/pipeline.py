@@ -348,7 +348,7 @@ def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
             + ("n/a" if acc is None else f"acc {acc:.1f}") + ("" if before is None else f" (before {before:.1f})"))
 
     if "readout" in p.scenarios:
-        for name in p.methods:
+        for name in p.methods_for("readout"):
             report(run_readout(ctx, name))
     mllm = [s for s in p.scenarios if s in MLLM_SCENARIOS]
     if not mllm:
@@ -358,22 +358,25 @@ def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
     log(f"  text-only LLM (no image) seed {seed}: acc {text['accuracy']:.1f}")
     trains = [s for s in ("train", "train_encoder") if s in mllm]
     # the uncompressed model first: its `train` model is the retrofit base
-    needed = [s for s in ("train", "train_encoder") if s in trains or (s == "train" and "retrofit" in mllm)]
-    base_runs = run_train(ctx, "none", needed) if "none" in p.methods or "retrofit" in mllm else {}
+    base_scenarios = [s for s in trains if "none" in p.methods_for(s)]
+    if "retrofit" in mllm and "train" not in base_scenarios:
+        base_scenarios.insert(0, "train")
+    base_runs = run_train(ctx, "none", base_scenarios) if base_scenarios else {}
     base = base_runs["train"][1] if "retrofit" in mllm else None
-    if "none" in p.methods:
-        for scenario in trains:
+    for scenario in trains:
+        if "none" in p.methods_for(scenario):
             report(base_runs[scenario][0])
-        if "retrofit" in mllm:
-            row = base_runs["train"][0]
-            report({**row, "scenario": "retrofit", "before": row["after"], "trainable_params": 0, "train_seconds": 0.0})
+    if "retrofit" in mllm and "none" in p.methods_for("retrofit"):
+        row = base_runs["train"][0]
+        report({**row, "scenario": "retrofit", "before": row["after"], "trainable_params": 0, "train_seconds": 0.0})
     for name in p.methods:
         if name == "none":
             continue
-        if trains:
-            for row, _ in run_train(ctx, name, trains).values():
+        scenarios = [s for s in trains if name in p.methods_for(s)]
+        if scenarios:
+            for row, _ in run_train(ctx, name, scenarios).values():
                 report(row)
-        if "retrofit" in mllm:
+        if "retrofit" in mllm and name in p.methods_for("retrofit"):
             report(run_retrofit(ctx, name, base))
     return runs
 

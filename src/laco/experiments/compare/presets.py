@@ -78,6 +78,9 @@ class ComparePreset:
     llm: LLMConfig = field(default_factory=LLMConfig)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    # fewer methods in a costly scenario: {"train_encoder": ["none", "laco@1/4"]}; each one of ``methods``
+    # (a scenario not named runs every method)
+    scenario_methods: dict[str, list[str]] = field(default_factory=dict)
     # a seed s is a replicate: its own pretrained encoder (pretrain.seed = s) and text LLM, its own data order;
     # every module all methods share (the projector) starts from the same draw for every method of a seed
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -118,6 +121,7 @@ class ComparePreset:
             raise ValueError(f"unknown scenario(s) {bad or self.scenarios!r}; choose from {SCENARIOS}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        self.scenario_methods = {sc: self._subset(sc, ms) for sc, ms in self.scenario_methods.items()}
         if self.eval_split not in ("val", "test"):
             raise ValueError(f"eval_split must be 'val' (choosing a recipe) or 'test', got {self.eval_split!r}")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
@@ -129,6 +133,21 @@ class ComparePreset:
         for k in ("batch_size", "eval_batch_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+    def _subset(self, scenario: str, methods: list[str] | str) -> list[str]:
+        if scenario not in SCENARIOS:
+            raise ValueError(f"scenario_methods: unknown scenario {scenario!r}; choose from {SCENARIOS}")
+        names = parse_methods(methods, self.ratio)
+        extra = [m for m in names if m not in self.methods]
+        if extra or not names:
+            raise ValueError(f"scenario_methods[{scenario!r}]: {extra or 'no methods'} not in methods {self.methods}")
+        return names
+
+    def methods_for(self, scenario: str) -> list[str]:
+        """The methods run in ``scenario``, in ``methods`` order."""
+        chosen = self.scenario_methods.get(scenario)
+        return [m for m in self.methods if chosen is None or m in chosen]
 
 
 def _smoke() -> ComparePreset:
@@ -154,12 +173,26 @@ def _quick() -> ComparePreset:
                          scenarios=["readout", "train"], stage1_steps=50, stage2_steps=80, threads=1)
 
 
+#: the full preset's MLLM rows: the methods of the questions the issue asks (LaCo vs pixel-shuffle with either start,
+#: LDPv2 / TokenPacker with and without the shortcut, LaCo inside vs after the encoder); `train_encoder` (stage 2
+#: with the encoder's backward, the costliest) asks only whether the LaCo vs pixel-shuffle gap survives it
+FULL_TRAIN_METHODS = ("none", "laco@post", "laco@1/4", "pixel_shuffle@1/4", PS_AVG_INIT, "ldpv2@1/4", LDPV2_RES,
+                      "tokenpacker@1/4", TOKENPACKER_RES)
+FULL_TRAIN_ENCODER_METHODS = ("none", "laco@1/4", "pixel_shuffle@1/4")
+FULL_RETROFIT_METHODS = ("none", "laco@post", "laco@1/4", "pixel_shuffle@1/4", PS_AVG_INIT, "avg_pool@1/4", "ldpv2@1/4",
+                         LDPV2_RES)
+
+
 def _full() -> ComparePreset:
     data = EmbeddedDataConfig(num_train=12000, num_val=1000, num_test=2000)
     return ComparePreset(
         name="full", data=data, pretrain=PretrainConfig(steps=800, batch_size=96, data=data), seeds=[0, 1, 2], threads=1,
-        # the tiny MLLM needs ~1500+ stage-2 steps to read the image (docs/compare.md); hours on 2 CPU cores
-        stage1_steps=200, stage2_steps=2000, retrofit_steps=150, readout_steps=150, llm_pretrain_steps=300,
+        scenario_methods={"train": list(FULL_TRAIN_METHODS), "train_encoder": list(FULL_TRAIN_ENCODER_METHODS),
+                          "retrofit": list(FULL_RETROFIT_METHODS)},
+        # the tiny MLLM reads the image after ~1000 stage-2 steps of 32 at lr 1e-3 (val-split recipe search,
+        # docs/compare.md): ~1 CPU-hour per seed on one core; run one process per seed and --merge
+        stage1_steps=200, stage2_steps=1000, lr_stage2=1e-3, lr_stage2_encoder=2e-4, retrofit_steps=150,
+        readout_steps=150, llm_pretrain_steps=300,
     )
 
 
@@ -180,6 +213,8 @@ def _merge(obj: Any, overrides: dict[str, Any], where: str = "") -> Any:
         setattr(out, key, value)
     if where == "" and "data" in overrides and "pretrain" not in overrides:
         out.pretrain.data = copy.deepcopy(out.data)  # the encoder sees scenes of the same geometry
+    if where == "" and "methods" in overrides and "scenario_methods" not in overrides:
+        out.scenario_methods = {}  # methods chosen by hand run in every scenario
     if hasattr(out, "__post_init__"):
         out.__post_init__()  # re-validate
     return out
