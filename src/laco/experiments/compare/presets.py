@@ -192,7 +192,7 @@ def _full() -> ComparePreset:
         # the tiny MLLM reads the image after ~1000 stage-2 steps of 32 at lr 1e-3 (val-split recipe search,
         # docs/compare.md): ~1 CPU-hour per seed on one core; run one process per seed and --merge
         stage1_steps=200, stage2_steps=1000, lr_stage2=1e-3, lr_stage2_encoder=2e-4, retrofit_steps=150,
-        readout_steps=150, llm_pretrain_steps=300,
+        readout_steps=150, llm_pretrain_steps=300, curve_every=200,  # learning curves: when the MLLM reads the image
     )
 
 
