@@ -18,7 +18,8 @@ def compare(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="comma list of seeds (default: the preset's)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON file overriding any preset field"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder (default: laco-results/compare/<preset>)"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: the preset's, 2); 1 can be faster on a busy machine"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads per process (default: the preset's); 1 can be faster on a busy machine"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes running methods concurrently (default: the preset's); results do not depend on it"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="data + pretrained encoder cache (default: $LACO_CACHE or ~/.cache/laco)"),
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
     merge: Optional[list[Path]] = typer.Option(None, "--merge", help="results folders of runs that differ only in "
@@ -73,7 +74,7 @@ def compare(
         except ValueError:
             raise ValueError(f"--seeds must be a comma list of integers, got {seeds!r}") from None
     p = load_preset(preset, config, methods=methods, scenarios=comma_list(scenarios), seeds=seed_list, threads=threads,
-                    cache_dir=str(cache_dir) if cache_dir else None)
+                    workers=workers, cache_dir=str(cache_dir) if cache_dir else None)
     out = out or Path("laco-results") / "compare" / p.name
     console.print(f"[bold]laco compare[/bold]: preset {p.name}, {len(p.methods)} methods x {p.scenarios} x seeds {p.seeds} -> {out}")
     check_output_path(out, "--out")

@@ -18,6 +18,7 @@ from torch import nn
 
 from laco.compressors.spec import parse_method
 from laco.data.embedded import EmbeddedDataset, build_embedded_dataset
+from laco.experiments.compare.parallel import progress_enabled, run_jobs
 from laco.experiments.compare.presets import MLLM_SCENARIOS, ComparePreset
 from laco.experiments.compare.results import aggregate, baseline_rows, contrasts
 from laco.experiments.compare.steps import (
@@ -229,10 +230,11 @@ def run_train(ctx: Context, name: str, scenarios: list[str]) -> dict[str, tuple[
                     p.eval_batch_size, p.curve_limit)["accuracy"]])
 
         t1 = time.perf_counter()
-        train_steps(m, opt_groups, ctx.hidden["train"][k], k, train, p.stage2_steps, p.lr_stage2, p,
-                    derive_seed(ctx.seed, "stage2"), f"{scenario} {name} s{ctx.seed} stage 2", on_step=record)
+        loss = train_steps(m, opt_groups, ctx.hidden["train"][k], k, train, p.stage2_steps, p.lr_stage2, p,
+                           derive_seed(ctx.seed, "stage2"), f"{scenario} {name} s{ctx.seed} stage 2", on_step=record)
         row = _row(ctx, name, scenario, m)
-        row.update({"train_seconds": round(stage1_s + time.perf_counter() - t1, 1), "after": _evaluate(ctx, m, k),
+        row.update({"train_seconds": round(stage1_s + time.perf_counter() - t1, 1), "final_loss": loss,
+                    "after": _evaluate(ctx, m, k),
                     "trainable_params": sum(q.numel() for q in params)})
         if curve:
             row["curve"] = curve
@@ -259,9 +261,10 @@ def run_retrofit(ctx: Context, name: str, base) -> dict[str, Any]:
         model.requires_grad_(False)
         params = []
     t0 = time.perf_counter()
-    train_steps(model, params, ctx.hidden["train"][start], start, ctx.splits[("train", model.num_image_tokens)],
-                p.retrofit_steps, p.lr_retrofit, p, derive_seed(ctx.seed, "retrofit"), f"retrofit {name} s{ctx.seed}")
-    row.update({"train_seconds": round(time.perf_counter() - t0, 1), "after": _evaluate(ctx, model, start),
+    loss = train_steps(model, params, ctx.hidden["train"][start], start, ctx.splits[("train", model.num_image_tokens)],
+                       p.retrofit_steps, p.lr_retrofit, p, derive_seed(ctx.seed, "retrofit"), f"retrofit {name} s{ctx.seed}")
+    row.update({"train_seconds": round(time.perf_counter() - t0, 1), "final_loss": loss,
+                "after": _evaluate(ctx, model, start),
                 "trainable_params": sum(q.numel() for q in params)})
     return row
 
@@ -322,7 +325,7 @@ def run_readout(ctx: Context, name: str) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(derive_seed(seed, "readout"))
         hidden, labels = ctx.hidden["train"][start], torch.as_tensor(ctx.ds.scenes["train"].labels)
         tower.train()
-        for _ in tqdm(range(p.readout_steps), desc=f"readout {name} s{seed}", leave=False):
+        for _ in tqdm(range(p.readout_steps), desc=f"readout {name} s{seed}", leave=False, disable=not progress_enabled()):
             idx = torch.randint(0, len(hidden), (p.readout_batch_size,), generator=gen)
             out = tower.forward_from(hidden[idx].float(), tower.adapter.grid_for_image_size(), start)
             logits, _ = ctx.readout(out.last_hidden_state[:, tower.num_prefix_tokens:], out.grid)
@@ -337,47 +340,86 @@ def run_readout(ctx: Context, name: str) -> dict[str, Any]:
 
 
 # -- the experiment -----------------------------------------------------------------------------------------
+def _train_rows(ctx: Context, name: str, scenarios: list[str]) -> list[dict[str, Any]]:
+    return [row for row, _ in run_train(ctx, name, scenarios).values()]
+
+
+def _train_base(ctx: Context, scenarios: list[str], keep: bool) -> tuple[list[dict[str, Any]], bytes | None]:
+    """The uncompressed model's rows and, when ``keep`` (retrofit), its trained `train` weights as safetensors
+    bytes (a forked worker sends them back; a safetensors blob needs no pickled tensors)."""
+    from safetensors.torch import save
+
+    out = run_train(ctx, "none", scenarios)
+    return [row for row, _ in out.values()], save(out["train"][1].state_dict()) if keep else None
+
+
+def _load_base(ctx: Context, blob: bytes):
+    from safetensors.torch import load
+
+    base = _new_model(ctx, "none")
+    base.load_state_dict(load(blob))
+    return base.requires_grad_(False).eval()
+
+
 def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
-    """Every (method, scenario) of the preset on one replicate; the text-only LLM's accuracy as a row."""
-    p, seed, runs = ctx.preset, ctx.seed, []
+    """Every (method, scenario) of the preset on one replicate, plus the text-only LLM's row.
+
+    Jobs (the uncompressed model first, the retrofit base; each read-out; each method's training) run in
+    ``preset.workers`` processes, then the retrofits from the base; rows come back in the preset's order."""
+    p, seed = ctx.preset, ctx.seed
 
     def report(row: dict[str, Any]) -> None:
-        runs.append(row)
         acc, before = row["after"]["accuracy"], (row.get("before") or {}).get("accuracy")
         log(f"  {row['scenario']:13s} {row['method']:48s} seed {seed}: "
             + ("n/a" if acc is None else f"acc {acc:.1f}") + ("" if before is None else f" (before {before:.1f})"))
 
-    if "readout" in p.scenarios:
-        for name in p.methods_for("readout"):
-            report(run_readout(ctx, name))
     mllm = [s for s in p.scenarios if s in MLLM_SCENARIOS]
-    if not mllm:
-        return runs
-    text = evaluate_text_only(ctx.llm, ctx.splits[(ctx.eval_split, 0)], p.eval_batch_size, p.eval_limit)
-    runs.append({"method": "text-only LLM", "scenario": "baseline", "seed": seed, "after": text})
-    log(f"  text-only LLM (no image) seed {seed}: acc {text['accuracy']:.1f}")
     trains = [s for s in ("train", "train_encoder") if s in mllm]
-    # the uncompressed model first: its `train` model is the retrofit base
+    # the uncompressed model's scenarios; its `train` model is the retrofit base
     base_scenarios = [s for s in trains if "none" in p.methods_for(s)]
     if "retrofit" in mllm and "train" not in base_scenarios:
         base_scenarios.insert(0, "train")
-    base_runs = run_train(ctx, "none", base_scenarios) if base_scenarios else {}
-    base = base_runs["train"][1] if "retrofit" in mllm else None
-    for scenario in trains:
-        if "none" in p.methods_for(scenario):
-            report(base_runs[scenario][0])
+    readouts = p.methods_for("readout") if "readout" in p.scenarios else []
+    trained = [(m, [s for s in trains if m in p.methods_for(s)]) for m in p.methods if m != "none"]
+    trained = [(m, scenarios) for m, scenarios in trained if scenarios]
+    retrofits = [m for m in p.methods_for("retrofit") if m != "none"] if "retrofit" in mllm else []
+
+    keys = ([("base", "none")] if base_scenarios else []) + [("readout", m) for m in readouts] \
+        + [("train", m) for m, _ in trained]
+    jobs = ([lambda: _train_base(ctx, base_scenarios, bool(retrofits))] if base_scenarios else []) \
+        + [lambda m=m: [run_readout(ctx, m)] for m in readouts] \
+        + [lambda m=m, sc=sc: _train_rows(ctx, m, sc) for m, sc in trained]
+    text = None
+    if mllm:
+        text = evaluate_text_only(ctx.llm, ctx.splits[(ctx.eval_split, 0)], p.eval_batch_size, p.eval_limit)
+        log(f"  text-only LLM (no image) seed {seed}: acc {text['accuracy']:.1f}")
+    done: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    base_blob = None
+    for i, result in run_jobs(jobs, p.workers, p.threads):
+        if keys[i][0] == "base":
+            result, base_blob = result
+        done[keys[i]] = result
+        for row in result:
+            report(row)
+    if retrofits:
+        base = _load_base(ctx, base_blob)
+        for i, row in run_jobs([lambda m=m: run_retrofit(ctx, m, base) for m in retrofits], p.workers, p.threads):
+            done[("retrofit", retrofits[i])] = [row]
+            report(row)
+
+    # the rows in the preset's order: read-outs, the text-only LLM, `none`, then each method's scenarios
+    runs = [row for m in readouts for row in done[("readout", m)]]
+    if text is None:
+        return runs
+    runs.append({"method": "text-only LLM", "scenario": "baseline", "seed": seed, "after": text})
+    base_rows = {row["scenario"]: row for row in done.get(("base", "none"), [])}
+    runs += [base_rows[s] for s in trains if "none" in p.methods_for(s)]
     if "retrofit" in mllm and "none" in p.methods_for("retrofit"):
-        row = base_runs["train"][0]
-        report({**row, "scenario": "retrofit", "before": row["after"], "trainable_params": 0, "train_seconds": 0.0})
-    for name in p.methods:
-        if name == "none":
-            continue
-        scenarios = [s for s in trains if name in p.methods_for(s)]
-        if scenarios:
-            for row, _ in run_train(ctx, name, scenarios).values():
-                report(row)
-        if "retrofit" in mllm and name in p.methods_for("retrofit"):
-            report(run_retrofit(ctx, name, base))
+        row = base_rows["train"]
+        runs.append({**row, "scenario": "retrofit", "before": row["after"], "trainable_params": 0, "train_seconds": 0.0,
+                     "final_loss": None})
+    for m in p.methods:
+        runs += done.get(("train", m), []) + done.get(("retrofit", m), [])
     return runs
 
 

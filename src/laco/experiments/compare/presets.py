@@ -108,7 +108,8 @@ class ComparePreset:
     curve_every: int = 0  # train scenario: test accuracy every N stage-2 steps (0: off) -> acc_vs_step.png
     curve_limit: int | None = 600  # test questions per curve point (None: all)
     cache_dtype: str = "float32"  # hidden-state cache; "float16" halves its memory
-    threads: int = 2  # torch threads; on a busy shared machine 1 is often faster
+    threads: int = 2  # torch threads per process; on a busy shared machine 1 is often faster
+    workers: int = 1  # processes running methods concurrently (forked; same results as 1); cores / threads
     cache_dir: str | None = None  # default $LACO_CACHE or ~/.cache/laco
 
     def __post_init__(self) -> None:
@@ -130,7 +131,7 @@ class ComparePreset:
             raise ValueError(f"pretrain.data.canvas {self.pretrain.data.canvas} != data.canvas {self.data.canvas}")
         if self.curve_every < 0:
             raise ValueError(f"curve_every must be >= 0 (0: no learning curve), got {self.curve_every}")
-        for k in ("batch_size", "eval_batch_size"):
+        for k in ("batch_size", "eval_batch_size", "threads", "workers"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
 

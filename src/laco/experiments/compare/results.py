@@ -111,7 +111,7 @@ def contrasts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- merging runs -----------------------------------------------------------------------------------
 # fields that may differ between parts of one experiment: which seeds a part ran, how it ran them
-_PER_PART_FIELDS = ("seeds", "threads", "cache_dir")
+_PER_PART_FIELDS = ("seeds", "threads", "workers", "cache_dir")  # may differ: results do not depend on them
 
 
 def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) -> dict[str, Any]:

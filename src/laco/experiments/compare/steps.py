@@ -12,6 +12,7 @@ from torch import nn
 
 from laco.compressors.spec import MethodSpec
 from laco.experiments.compare.presets import ComparePreset, LLMConfig
+from laco.experiments.compare.parallel import progress_enabled
 from laco.experiments.compare.text import TokenizedSplit
 from laco.experiments.pretrain import to_pixel_values
 from laco.train.optim import build_optimizer, build_scheduler, optimizer_step
@@ -100,20 +101,21 @@ def cache_hidden_states(encoder, images: np.ndarray, layers: list[int], batch_si
 # -- training and evaluation ------------------------------------------------------------------------
 def train_steps(model, params: list[nn.Parameter] | list[dict], hidden: torch.Tensor | None, start: int,
                 data: TokenizedSplit, steps: int, lr: float, preset: ComparePreset, seed: int, desc: str,
-                on_step: Callable[[int], None] | None = None) -> None:
+                on_step: Callable[[int], None] | None = None) -> float | None:
     """AdamW + warmup/cosine for ``steps`` batches drawn by ``seed``, from cached encoder states after ``start``
     layers; ``hidden`` None: ``model`` is a causal LM trained on text only. ``params``: tensors, or param groups
-    with their own learning rates (``laco.train.optim.param_groups``). ``on_step(n)`` runs after step n."""
+    with their own learning rates (``laco.train.optim.param_groups``). ``on_step(n)`` runs after step n.
+    Returns the last step's loss (None when nothing trained)."""
     from tqdm.auto import tqdm
 
     flat = [q for g in params for q in (g["params"] if isinstance(g, dict) else [g])]
     if steps <= 0 or not flat:
-        return
+        return None
     model.train()
     opt = build_optimizer(params, lr=lr, weight_decay=preset.weight_decay)
     sched = build_scheduler(opt, steps, warmup_steps=max(1, int(preset.warmup_fraction * steps)))
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc=desc, leave=False)
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not progress_enabled())
     for step in bar:
         idx = torch.randint(0, len(data), (preset.batch_size,), generator=gen)
         ids, mask, labels = data.batch(idx)
@@ -129,6 +131,7 @@ def train_steps(model, params: list[nn.Parameter] | list[dict], hidden: torch.Te
             on_step(step + 1)
             model.train()
     model.eval()
+    return round(loss.item(), 5)
 
 
 @torch.no_grad()
