@@ -24,8 +24,18 @@ def compare(
     list_methods: bool = typer.Option(False, "--list", help="list the methods and exit"),
     merge: Optional[list[Path]] = typer.Option(None, "--merge", help="results folders of runs that differ only in "
                                                "their seeds (repeat the option): merge into --out, run nothing"),
+    data: Optional[Path] = typer.Option(None, "--data", help="your own LLaVA-format training file (.json/.jsonl, "
+                                        "single-image records); needs --eval; runs the MLLM scenarios only"),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="with --data: the evaluation JSONL (laco eval's format)"),
+    image_folder: Optional[Path] = typer.Option(None, "--image-folder", help="with --data: the folder both files' image "
+                                                "paths are relative to (default: each file's folder)"),
+    vision: Optional[Path] = typer.Option(None, "--vision", help="with --data: a saved SigLIP/CLIP/DINOv2 vision model "
+                                          "folder with its image processor (default: the embedded pretrained encoder)"),
+    llm: Optional[Path] = typer.Option(None, "--llm", help="with --data: a saved causal LM + tokenizer folder (with a "
+                                       "chat template; default: a small Qwen2 pretrained on the training text)"),
 ) -> None:
-    """Compare LaCo with external and in-encoder compression on the embedded scenes; writes JSON, markdown, PNGs."""
+    """Compare LaCo with external and in-encoder compression on the embedded scenes (or your own data: --data,
+    --eval); writes JSON, markdown, PNGs."""
     import shlex
     import sys
 
@@ -63,6 +73,7 @@ def compare(
         return
     if out is not None:
         check_output_path(out, "--out")
+    user = _user_source(data, eval_file, image_folder, vision, llm)
     if config is not None:  # a config file may name its preset
         data = read_yaml(config, "compare config") or {}
         if isinstance(data, dict) and "preset" in data and preset == "quick":
@@ -75,12 +86,34 @@ def compare(
             raise ValueError(f"--seeds must be a comma list of integers, got {seeds!r}") from None
     p = load_preset(preset, config, methods=methods, scenarios=comma_list(scenarios), seeds=seed_list, threads=threads,
                     workers=workers, cache_dir=str(cache_dir) if cache_dir else None)
+    if user is not None:
+        if not scenarios:  # the preset's MLLM scenarios (readout needs the embedded encoder's head)
+            import dataclasses
+
+            from laco.experiments.compare.presets import MLLM_SCENARIOS
+
+            p = dataclasses.replace(p, scenarios=[s for s in p.scenarios if s in MLLM_SCENARIOS] or ["train"])
+        user.check_preset(p)
     out = out or Path("laco-results") / "compare" / p.name
     console.print(f"[bold]laco compare[/bold]: preset {p.name}, {len(p.methods)} methods x {p.scenarios} x seeds {p.seeds} -> {out}")
     check_output_path(out, "--out")
     with OutputLock(out, "compare output folder"):  # a second run into the same folder is refused
-        results = run_compare(p, out, command=command, log=console.print)
+        results = run_compare(p, out, command=command, user=user, log=console.print)
         write_marker(out, "compare")
     print_table(results, console)
     console.print(f"results: {out / 'results.md'} (+ results.json, acc_vs_flops.png, acc_vs_depth.png); "
                   f"total {results['timings_s']['total_s']:.0f} s")
+
+
+def _user_source(data, eval_file, image_folder, vision, llm):
+    """``--data`` and friends -> a checked ``UserSource`` (None without --data); a missing path or flag is an error."""
+    from laco.experiments.compare.userdata import UserSource
+
+    if data is None and eval_file is None:
+        others = [f for f, v in (("--image-folder", image_folder), ("--vision", vision), ("--llm", llm)) if v is not None]
+        if others:
+            raise ValueError(f"{', '.join(others)} only apply to your own data: add --data TRAIN.json --eval TEST.jsonl")
+        return None
+    if data is None or eval_file is None:
+        raise ValueError("--data and --eval go together: the LLaVA-format training file and the evaluation JSONL")
+    return UserSource(data, eval_file, image_folder, vision, llm)

@@ -395,6 +395,13 @@ class EmbeddedDataset:
     scenes: dict[str, Scenes]
     config: EmbeddedDataConfig
 
+    #: eval images resolve against the eval file's folder (laco eval's default)
+    eval_image_dir = None
+
+    @property
+    def train_file(self) -> Path:
+        return self.root / "train.json"
+
     def llava(self, split: str) -> list[dict]:
         return json.loads((self.root / f"{split}.json").read_text())
 

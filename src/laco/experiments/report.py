@@ -92,6 +92,7 @@ def markdown(results: dict[str, Any]) -> str:
     out = [
         f"# laco compare — preset `{results['preset']}`",
         "",
+        _user_intro(results) if results.get("data") else
         f"Data: {results['data_source']} scenes ({cfg['data']['num_train']} train conversations, "
         f"{cfg['data'][f'num_{split}']} {split} scenes, {cfg['data']['canvas']} px). Encoder: SigLIP-structured, "
         f"{cfg['pretrain']['num_hidden_layers']} layers, width {cfg['pretrain']['hidden_size']}, pretrained on quadrant "
@@ -135,6 +136,12 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("command"):
         out += ["Command:", "", "```", results["command"], "```", ""]
     return "\n".join(out)
+
+
+def _user_intro(results: dict[str, Any]) -> str:
+    from laco.experiments.compare.userdata import markdown_intro  # laco compare --data
+
+    return markdown_intro(results)
 
 
 def _style(rows: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:

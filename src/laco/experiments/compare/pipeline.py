@@ -32,7 +32,9 @@ from laco.experiments.compare.steps import (
     train_steps,
 )
 from laco.experiments.compare.text import TokenizedSplit, build_tokenizer, conversations, tokenize_split
-from laco.experiments.pretrain import load_pretrained_encoder
+from laco.experiments.compare import userdata
+from laco.experiments.compare.userdata import UserSource
+from laco.experiments.pretrain import load_pretrained_encoder, to_pixel_values
 from laco.flops import encoder_cost
 from laco.train.optim import build_optimizer, build_scheduler, freeze_for_stage, optimizer_step, param_groups
 
@@ -49,6 +51,7 @@ class Shared:
     starts: list[int]  # the encoder layers whose states the methods start from (cached per seed)
     blind: dict[str, Any] | None  # laco.eval.blind on the eval split (None: readout only)
     timings: dict[str, float] = field(default_factory=dict)
+    user: UserSource | None = None  # --data: the user's files and models (userdata.py)
 
 
 @dataclass
@@ -62,7 +65,7 @@ class Context:
     encoder: Any
     llm: Any  # None when the preset runs only the readout scenario
     encoder_metrics: dict
-    readout: Any  # the encoder's pretraining head (quadrant classes), frozen
+    readout: Any  # the encoder's pretraining head (quadrant classes), frozen; None for --vision
     hidden: dict[str, dict[int, torch.Tensor]]  # split -> layer -> states
     splits: dict[tuple[str, int], TokenizedSplit]
     timings: dict[str, float] = field(default_factory=dict)
@@ -72,38 +75,44 @@ class Context:
         return self.preset.eval_split
 
 
-def _vision_meta(preset: ComparePreset):
-    from transformers import SiglipVisionModel
+def _vision_meta(preset: ComparePreset, user: UserSource | None = None):
+    from transformers import AutoModel
 
+    config = userdata.vision_config(user.vision) if user and user.vision else preset.pretrain.vision_config()
     with torch.device("meta"):
-        return SiglipVisionModel(preset.pretrain.vision_config())
+        return AutoModel.from_config(config)
 
 
-def _llm_meta(preset: ComparePreset, tok):
+def _llm_meta(preset: ComparePreset, tok, user: UserSource | None = None):
     from transformers import AutoModelForCausalLM
 
+    config = userdata.llm_config_from_disk(user.llm, tok) if user and user.llm else llm_config(preset.llm, tok)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(llm_config(preset.llm, tok))
+        return AutoModelForCausalLM.from_config(config)
 
 
-def prepare_data(preset: ComparePreset, *, log=print) -> Shared:
-    """Data (cached on disk), tokenizer, the splits tokenised at every image-token count, the blind baseline."""
+def prepare_data(preset: ComparePreset, *, user: UserSource | None = None, log=print) -> Shared:
+    """Data (cached on disk; or the user's, ``user``), tokenizer, the splits tokenised at every image-token count,
+    the blind baseline."""
     from laco.eval.blind import blind_baseline
 
     torch.set_num_threads(preset.threads)
     t = time.perf_counter()
-    ds = build_embedded_dataset(preset.data, Path(preset.cache_dir) / "data" / _data_name(preset)
-                                if preset.cache_dir else None)
-    if ds.source != "fashion_mnist":
-        log("[yellow]Fashion-MNIST is not installed: using PIL-generated scenes "
-            "(apt-get install dataset-fashion-mnist for the real images)[/yellow]")
-    log(f"data: {ds.source} scenes in {ds.root} (train {len(ds.scenes['train'])}, "
-        f"{preset.eval_split} {len(ds.scenes[preset.eval_split])})")
-    tok = build_tokenizer(ds, preset.llm.vocab_size)
+    if user is not None:
+        ds = userdata.load_user_dataset(user, preset, log=log)
+    else:
+        ds = build_embedded_dataset(preset.data, Path(preset.cache_dir) / "data" / _data_name(preset)
+                                    if preset.cache_dir else None)
+        if ds.source != "fashion_mnist":
+            log("[yellow]Fashion-MNIST is not installed: using PIL-generated scenes "
+                "(apt-get install dataset-fashion-mnist for the real images)[/yellow]")
+        log(f"data: {ds.source} scenes in {ds.root} (train {len(ds.scenes['train'])}, "
+            f"{preset.eval_split} {len(ds.scenes[preset.eval_split])})")
+    tok = userdata.load_tokenizer(user.llm) if user and user.llm else build_tokenizer(ds, preset.llm.vocab_size)
     convs = {s: conversations(ds, s) for s in ("train", preset.eval_split)}
     # how many image tokens each method gives the LLM, and after which encoder layer its trainable part starts
     # (config only: meta-device modules); train_encoder trains every layer, so it starts at 0
-    vision, llm = _vision_meta(preset), _llm_meta(preset, tok)
+    vision, llm = _vision_meta(preset, user), _llm_meta(preset, tok, user)
     tokens, starts = set(), {0} if "train_encoder" in preset.scenarios else set()
     with torch.device("meta"):
         for m in {*preset.methods, "none"}:
@@ -111,13 +120,13 @@ def prepare_data(preset: ComparePreset, *, log=print) -> Shared:
             tokens.add(model.num_image_tokens)
             starts.add(start_layer(model))
     if not _has_mllm(preset):  # readout only: no LLM, so no token splits and no blind row
-        return Shared(preset, ds, tok, {}, sorted(starts), None, {"data_s": time.perf_counter() - t})
+        return Shared(preset, ds, tok, {}, sorted(starts), None, {"data_s": time.perf_counter() - t}, user)
     splits = {(s, n): tokenize_split(tok, convs[s], n) for s in convs for n in sorted(tokens)}
     splits.update({(s, 0): tokenize_split(tok, convs[s], 0, with_image=False) for s in convs})
-    blind = blind_baseline(ds.root / "train.json", ds.eval_file(preset.eval_split)).as_dict()
+    blind = blind_baseline(ds.train_file, ds.eval_file(preset.eval_split), ds.eval_image_dir).as_dict()
     blind.pop("predictions", None)
     log(f"blind baseline (most frequent training answer per question): {blind['accuracy']:.1f}% on {preset.eval_split}")
-    return Shared(preset, ds, tok, splits, sorted(starts), blind, {"data_s": time.perf_counter() - t})
+    return Shared(preset, ds, tok, splits, sorted(starts), blind, {"data_s": time.perf_counter() - t}, user)
 
 
 def _has_mllm(preset: ComparePreset) -> bool:
@@ -143,20 +152,33 @@ def prepare(preset: ComparePreset, seed: int | None = None, shared: Shared | Non
     shared = shared or prepare_data(preset, log=log)
     timings = dict(shared.timings)
     t = time.perf_counter()
-    pre = dataclasses.replace(preset.pretrain, seed=seed)
-    encoder, readout, enc_metrics = load_pretrained_encoder(preset.cache_dir, pre, with_head=True)
+    user = shared.user
+    if user is not None and user.vision is not None:  # the same encoder for every seed
+        encoder, readout, enc_metrics = userdata.load_vision(user.vision), None, {"source": str(user.vision)}
+        log(f"seed {seed}: vision encoder {type(encoder).__name__} from {user.vision}")
+    else:
+        pre = dataclasses.replace(preset.pretrain, seed=seed)
+        encoder, readout, enc_metrics = load_pretrained_encoder(preset.cache_dir, pre, with_head=True)
+        log(f"seed {seed}: pretrained encoder, quadrant accuracy {enc_metrics['quadrant_acc']}%, dot "
+            f"{enc_metrics['dot_acc']}% (held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
     timings["encoder_s"] = time.perf_counter() - t
-    log(f"seed {seed}: pretrained encoder, quadrant accuracy {enc_metrics['quadrant_acc']}%, dot "
-        f"{enc_metrics['dot_acc']}% (held-out scenes; pretraining took {enc_metrics['train_seconds']} s, once)")
     t = time.perf_counter()
-    llm = pretrain_llm(preset, shared.tok, shared.splits[("train", 0)], seed) if _has_mllm(preset) else None
+    if user is not None and user.llm is not None:  # the same LLM for every seed
+        llm = userdata.load_llm(user.llm, shared.tok)
+    else:
+        llm = pretrain_llm(preset, shared.tok, shared.splits[("train", 0)], seed) if _has_mllm(preset) else None
     timings["llm_pretrain_s"] = time.perf_counter() - t
     t = time.perf_counter()
     dtype = getattr(torch, preset.cache_dtype)
-    hidden = {s: cache_hidden_states(encoder, shared.ds.scenes[s].images, shared.starts, dtype=dtype,
-                                     desc=f"caching {s} states") for s in ("train", preset.eval_split)}
+    if user is not None:  # image files -> pixels: the --vision folder's processor, or resized for the embedded encoder
+        shared.ds.to_pixels = (userdata.processor_pixels(user.vision, encoder.config.image_size) if user.vision
+                               else userdata.resized_pixels(encoder.config.image_size))
+    sources = {s: shared.ds.pixel_source(s) if user is not None else (shared.ds.scenes[s].images, to_pixel_values)
+               for s in ("train", preset.eval_split)}
+    hidden = {s: cache_hidden_states(encoder, images, shared.starts, dtype=dtype, desc=f"caching {s} states",
+                                     to_pixels=to_pixels) for s, (images, to_pixels) in sources.items()}
     timings["cache_s"] = time.perf_counter() - t
-    for q in [*encoder.parameters(), *readout.parameters(), *(llm.parameters() if llm is not None else [])]:
+    for q in [*encoder.parameters(), *(m for part in (readout, llm) if part is not None for m in part.parameters())]:
         q.requires_grad_(False)
     return Context(preset, seed, shared.ds, shared.tok, encoder, llm, enc_metrics, readout, hidden, shared.splits,
                    timings)
@@ -424,12 +446,15 @@ def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
 
 
 def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: str | None = None,
-                log=print) -> dict[str, Any]:
-    """The whole experiment; writes results.json, results.md, the plots and command.txt into ``out_dir``."""
+                user: UserSource | None = None, log=print) -> dict[str, Any]:
+    """The whole experiment; writes results.json, results.md, the plots and command.txt into ``out_dir``.
+    ``user``: the MLLM scenarios on the user's data and models (``laco compare --data``, userdata.py)."""
     t_start = time.perf_counter()
+    if user is not None:
+        user.check_preset(preset)  # before any output or data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shared = prepare_data(preset, log=log)
+    shared = prepare_data(preset, user=user, log=log)
     runs, encoders, timings = [], {}, dict(shared.timings)
     for seed in preset.seeds:
         ctx = prepare(preset, seed, shared, log=log)
@@ -443,13 +468,15 @@ def run_compare(preset: ComparePreset, out_dir: str | os.PathLike, *, command: s
         "preset": preset.name, "config": asdict(preset), "data_source": shared.ds.source, "data_dir": str(shared.ds.root),
         "eval_split": preset.eval_split,
         "encoder": {"pretrain_metrics": encoders[str(preset.seeds[0])], "per_seed": encoders,
-                    "config": _vision_meta(preset).config.to_dict()},
+                    "config": _vision_meta(preset, user).config.to_dict()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                         "machine": platform.machine()},
         "command": command, "blind": shared.blind, "runs": runs, "table": aggregate(runs),
         "baselines": baseline_rows(runs, shared.blind), "contrasts": contrasts(runs),
     }
+    if user is not None:
+        results["data"] = userdata.describe(user, shared.ds)
     from laco.experiments.report import write_report
 
     write_report(results, out)

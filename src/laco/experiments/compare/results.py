@@ -135,13 +135,13 @@ def merge_results(dirs: list[str | os.PathLike], *, command: str | None = None) 
         cfg = {k: v for k, v in results["config"].items() if k not in _PER_PART_FIELDS}
         enc = results["encoder"]
         return {"preset": results["preset"], "config": cfg, "data_source": results["data_source"],
-                "encoder": enc["config"] if "per_seed" in enc else enc}
+                "encoder": enc["config"] if "per_seed" in enc else enc, "data": results.get("data")}
 
     ref_path, ref = parts[0]
     for path, res in parts[1:]:
         a, b = same(ref), same(res)
         diff = sorted(k for k in a["config"].keys() | b["config"].keys() if a["config"].get(k) != b["config"].get(k))
-        diff += [k for k in ("preset", "data_source", "encoder") if a[k] != b[k]]
+        diff += [k for k in ("preset", "data_source", "encoder", "data") if a[k] != b[k]]
         if diff:
             raise ValueError(f"cannot merge {path} into {ref_path}: they differ in {', '.join(diff)}")
     runs, seen = [], set()

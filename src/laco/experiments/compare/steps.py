@@ -4,7 +4,7 @@ states, training steps (``laco.train.optim``) and one-pass exact-match evaluatio
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -82,9 +82,13 @@ def lm_logits_and_loss(model, feats: torch.Tensor | None, ids, mask, labels):
 
 
 @torch.no_grad()
-def cache_hidden_states(encoder, images: np.ndarray, layers: list[int], batch_size: int = 256,
-                        dtype: torch.dtype = torch.float32, desc: str = "caching") -> dict[int, torch.Tensor]:
-    """Uncompressed encoder states after each of ``layers`` (0 = embeddings) for all ``images``: {k: (N, P+HW, C)}."""
+def cache_hidden_states(encoder, images: np.ndarray | Sequence, layers: list[int], batch_size: int = 256,
+                        dtype: torch.dtype = torch.float32, desc: str = "caching",
+                        to_pixels: Callable[[Any], torch.Tensor] = to_pixel_values) -> dict[int, torch.Tensor]:
+    """Uncompressed encoder states after each of ``layers`` (0 = embeddings) for all ``images``: {k: (N, P+HW, C)}.
+
+    ``images``: (N, H, W, 3) uint8 scenes, or any sequence that ``to_pixels`` turns, a slice at a time, into
+    (n, 3, S, S) pixel values (user data: image files through the encoder's image processor)."""
     from tqdm.auto import tqdm
 
     from laco.encoders import compress_encoder
@@ -92,7 +96,7 @@ def cache_hidden_states(encoder, images: np.ndarray, layers: list[int], batch_si
     tower = compress_encoder(encoder, "none").eval()
     out = {k: [] for k in layers}
     for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        states = tower(to_pixel_values(images[i:i + batch_size]), output_hidden_states=True).hidden_states
+        states = tower(to_pixels(images[i:i + batch_size]), output_hidden_states=True).hidden_states
         for k in layers:
             out[k].append(states[k].to(dtype))
     return {k: torch.cat(v) for k, v in out.items()}

@@ -44,10 +44,13 @@ def conversations(ds: EmbeddedDataset, split: str) -> list[tuple[list[dict[str, 
     """(messages, image row, number of scored assistant turns at the end, task, turn) per sample.
 
     Train: the LLaVA records, every answer scored. Val/test: the eval JSONL rendered exactly as
-    ``laco.eval`` renders it (history teacher-forced), only the final answer scored.
+    ``laco.eval`` renders it (history teacher-forced), only the final answer scored. User data
+    (``userdata.UserDataset``) brings its own, in the same shape.
     """
     from laco.eval.evaluator import build_messages, load_records
 
+    if not isinstance(ds, EmbeddedDataset):
+        return ds.conversations(split)
     out = []
     if split == "train":
         for rec in ds.llava(split):
@@ -69,27 +72,46 @@ def build_tokenizer(ds: EmbeddedDataset, vocab_size: int):
     return train_small_tokenizer(texts, vocab_size)
 
 
+def answer_marks(tok) -> tuple[str, str]:
+    """The chat template's text between a user turn's content and the assistant's answer (``head``) and after the
+    answer to the end of its turn marker (``tail``, trailing whitespace dropped): ChatML gives
+    ``("<|im_end|>\\n<|im_start|>assistant\\n", "<|im_end|>")``. The tail is scored with the answer (it ends the turn)."""
+    user, answer = "laco-user-probe", "laco-answer-probe"
+    text = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+                                   tokenize=False)
+    if user not in text or answer not in text:
+        raise ValueError("the tokenizer's chat template does not render message contents verbatim")
+    a = text.index(answer)
+    return text[text.index(user) + len(user):a], text[a + len(answer):].rstrip()
+
+
 def tokenize_split(tok, convs: list, num_image_tokens: int, *, with_image: bool = True) -> TokenizedSplit:
-    """Chat-template the conversations, expand ``<image>`` to ``num_image_tokens`` tokens, label the scored answers."""
+    """Chat-template the conversations, expand ``<image>`` to ``num_image_tokens`` tokens, label the scored answers
+    (and the template's end of turn, ``answer_marks``)."""
+    head, tail = answer_marks(tok)
     texts, spans = [], []
     for msgs, _, n_scored, _, _ in convs:
         if not with_image:
             msgs = [{**m, "content": m["content"].replace("<image>\n", "")} for m in msgs]
         text = tok.apply_chat_template(msgs, tokenize=False)
         text = text.replace("<image>", "<image>" * num_image_tokens)
-        # char spans of the scored answers: content + "<|im_end|>" of the last n_scored assistant turns
+        # char spans of the scored answers: content + tail of the last n_scored assistant turns
         cur, found = 0, []
         for m in msgs:
             if m["role"] != "assistant":
                 continue
-            head = "<|im_start|>assistant\n"
-            start = text.index(head + m["content"] + "<|im_end|>", cur) + len(head)
-            end = start + len(m["content"]) + len("<|im_end|>")
+            at = text.find(head + m["content"] + tail, cur)
+            if at < 0:
+                raise ValueError(f"the chat template does not render the answer {m['content']!r} verbatim after "
+                                 f"{head!r}")
+            start = at + len(head)
+            end = start + len(m["content"]) + len(tail)
             found.append((start, end))
             cur = end
         texts.append(text)
         spans.append(found[len(found) - n_scored:])
-    enc = tok(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    # the template writes every special token itself (a tokenizer's own BOS would come twice)
+    enc = tok(texts, padding=True, return_offsets_mapping=True, return_tensors="pt", add_special_tokens=False)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]  # (N, L), (N, L, 2)
     labels = torch.full_like(ids, -100)
     for i, sp in enumerate(spans):
