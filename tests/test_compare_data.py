@@ -90,8 +90,9 @@ def _tiny_vision(folder, with_processor: bool = True):
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                              image_size=32, patch_size=8)  # 4 x 4 patches; a real SigLIP keeps its pooling head
     SiglipVisionModel(cfg).save_pretrained(folder)
-    if with_processor:  # a resize other than the encoder's: set to the encoder's input size
-        SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(folder)
+    if with_processor:  # a resize other than the encoder's (set to its input) and statistics other than SigLIP's
+        SiglipImageProcessorPil(size={"height": 48, "width": 48}, image_mean=[0.2, 0.4, 0.6],
+                                image_std=[0.5, 0.25, 0.125]).save_pretrained(folder)
     return folder
 
 
@@ -142,11 +143,13 @@ def test_own_data_with_vision_and_llm_from_disk(tmp_path):
     vision = _tiny_vision(tmp_path / "vision")
     llm, _ = _tiny_llm(tmp_path / "llm", train)
     out = tmp_path / "out"
-    res = _invoke([*SMOKE, "--scenarios", "train,retrofit", "--data", train, "--eval", ev, "--vision", vision,
-                   "--llm", llm, "--out", out, "--cache-dir", tmp_path / "cache"])
+    # no --scenarios: the preset's MLLM scenarios (smoke: all three), without readout
+    res = _invoke([*SMOKE, "--data", train, "--eval", ev, "--vision", vision, "--llm", llm, "--out", out,
+                   "--cache-dir", tmp_path / "cache"])
     assert res.exit_code == 0, (res.output, res.exception)
     results = json.loads((out / "results.json").read_text())
     runs = {(r["method"], r["scenario"]): r for r in results["runs"]}
+    assert {s for _, s in runs} == {"train", "train_encoder", "retrofit", "baseline"}
     assert {("none", "train"), ("laco@1/4", "train"), ("laco@1/4", "retrofit"), ("text-only LLM", "baseline")} <= set(runs)
     assert runs[("none", "train")]["visual_tokens"] == 16 and runs[("laco@1/4", "train")]["visual_tokens"] == 4
     assert results["encoder"]["config"]["image_size"] == 32 and results["encoder"]["pretrain_metrics"]["source"] == str(vision)
@@ -158,3 +161,22 @@ def test_own_data_with_vision_and_llm_from_disk(tmp_path):
     res = _invoke([*SMOKE, "--scenarios", "train", "--data", train, "--eval", ev, "--vision", vision,
                    "--out", tmp_path / "out2"])
     assert res.exit_code != 0 and "preprocessor_config.json" in str(res.exception)
+
+
+def test_vision_images_go_through_the_folders_image_processor(tmp_path):
+    """--vision: the folder's processor (its statistics) at the encoder's input size, not SigLIP's 0.5 / 0.5."""
+    import numpy as np
+    from PIL import Image
+
+    from laco.experiments.compare.userdata import processor_pixels
+    from laco.safety import open_image
+
+    train, _ = _user_data(tmp_path, n_train=2, n_eval=1)
+    vision = _tiny_vision(tmp_path / "vision")
+    image = train.parent / "images" / "00001.png"
+    px = processor_pixels(vision, 32)([image, image])
+    assert px.shape == (2, 3, 32, 32)
+    raw = np.asarray(open_image(image).resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0  # (32, 32, 3)
+    mean, std = np.array([0.2, 0.4, 0.6]), np.array([0.5, 0.25, 0.125])
+    want = ((raw - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(px[0].numpy(), want, atol=0.05)  # resampling filters differ slightly
