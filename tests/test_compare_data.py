@@ -133,6 +133,16 @@ def test_answer_marks_follow_the_chat_template(tmp_path):
     scored = split.input_ids[0][split.labels[0] != -100]
     assert tok.decode(scored) == "A red circle.</s>"
     assert int((split.input_ids[0] == tok.convert_tokens_to_ids("<image>")).sum()) == 3
+    # the grown rows are drawn from nothing random: the same LLM for every seed
+    import torch
+
+    from laco.experiments.compare.userdata import load_llm
+
+    a, b = load_llm(folder, tok), (torch.manual_seed(1), load_llm(folder, tok))[1]
+    assert a.get_input_embeddings().num_embeddings == n + 1
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert torch.allclose(a.get_input_embeddings().weight[n], a.get_input_embeddings().weight[:n].mean(0))
     _tiny_llm(tmp_path / "nochat", train, chat_template=None)
     with pytest.raises(ValueError, match="no chat template"):
         load_tokenizer(tmp_path / "nochat")

@@ -275,12 +275,18 @@ def llm_config_from_disk(llm_dir: Path, tok):
 
 
 def load_llm(llm_dir: Path, tok):
-    """``AutoModelForCausalLM`` from the folder, float32, embeddings grown when the tokenizer gained ``<image>``."""
+    """``AutoModelForCausalLM`` from the folder, float32, embeddings grown when the tokenizer gained ``<image>``:
+    the new rows are the mean of the old ones (no random draw, so the LLM is the same for every seed)."""
     from transformers import AutoModelForCausalLM
 
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
-    if len(tok) > llm.get_input_embeddings().num_embeddings:
-        llm.resize_token_embeddings(len(tok))
+    old = llm.get_input_embeddings().num_embeddings
+    if len(tok) > old:
+        llm.resize_token_embeddings(len(tok), mean_resizing=False)
+        tables = {id(m.weight): m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}
+        with torch.no_grad():
+            for w in tables.values():  # (V, D); a tied head is the same tensor
+                w[old:] = w[:old].mean(0)
     return llm.eval()
 
 
