@@ -48,7 +48,9 @@ reference token, so no ``generate`` loop is needed. ``eval_split: val`` evaluate
 Modules: ``presets`` (methods, scenarios, ``ComparePreset``, ``load_preset``), ``text`` (conversations,
 tokenizer, tokenised splits), ``steps`` (seeds, model building, cached forward, training steps,
 evaluation), ``pipeline`` (``prepare_data``, ``prepare``, ``run_train``, ``run_retrofit``,
-``run_readout``, ``run_compare``), ``results`` (aggregation, baselines, contrasts, ``merge_results``);
+``run_readout``, ``run_seed``, ``run_compare``), ``parallel`` (the methods' jobs in forked single-thread
+workers: ``workers: 2`` on 2 cores; same rows as one process), ``results`` (aggregation, baselines,
+contrasts, ``merge_results``);
 the report (markdown, plots) is ``laco.experiments.report``.
 """
 

@@ -166,12 +166,14 @@ def _smoke() -> ComparePreset:
 
 def _quick() -> ComparePreset:
     data = EmbeddedDataConfig(num_train=8000, num_val=500, num_test=600)
-    # one thread: these models are small enough that a second thread mostly waits (encoder pretraining took
-    # 120 s on one thread against 264 s on two threads of the same idle 2-core machine). No retrofit: its base
-    # must read the image first, which no 10-minute budget reaches (docs/compare.md, recipe search), so `train`
-    # runs a short stage 1 + 2 that shows the pipeline and the blind rows, and `full` measures it
+    # one thread per process, two processes: these models are small enough that a second thread mostly waits
+    # (encoder pretraining: 120 s on one thread, 264 s on two), so two single-thread workers run the methods.
+    # The MLLM reads the image only after ~1000 stage-2 steps of 32 at lr 1e-3 (val-split recipe search,
+    # docs/compare.md): in 10 minutes that fits the uncompressed model and LaCo; no retrofit (its base must
+    # read the image first); the full preset runs the baselines in `train`
     return ComparePreset(name="quick", data=data, pretrain=PretrainConfig(data=data), methods=list(QUICK_METHODS),
-                         scenarios=["readout", "train"], stage1_steps=50, stage2_steps=80, threads=1)
+                         scenarios=["readout", "train"], scenario_methods={"train": ["none", "laco@1/4"]},
+                         stage1_steps=80, stage2_steps=1000, lr_stage2=1e-3, threads=1, workers=2)
 
 
 #: the full preset's MLLM rows: the methods of the questions the issue asks (LaCo vs pixel-shuffle with either start,
