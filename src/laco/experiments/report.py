@@ -104,11 +104,16 @@ def markdown(results: dict[str, Any]) -> str:
         + f". Accuracy: greedy exact match on the {split} questions"
         + (" (mean ± sample std over seeds)." if len(seeds) > 1 else " (one seed)."),
         "",
-        f"Budgets: stage 1 {cfg['stage1_steps']} steps, stage 2 {cfg['stage2_steps']} steps, retrofit "
-        f"{cfg['retrofit_steps']} steps, batch {cfg['batch_size']}. Speed is `laco bench`'s job: accuracy runs "
+        f"Budgets (batch {cfg['batch_size']}): readout {cfg['readout_steps']} steps at lr {cfg['lr_stage1']:g}; "
+        f"stage 1 {cfg['stage1_steps']} steps at lr {cfg['lr_stage1']:g}, stage 2 {cfg['stage2_steps']} steps at lr "
+        f"{cfg['lr_stage2']:g} (train_encoder's encoder layers: {cfg.get('lr_stage2_encoder', 0):g}), retrofit "
+        f"{cfg['retrofit_steps']} steps at lr {cfg['lr_retrofit']:g}. Speed is `laco bench`'s job: accuracy runs "
         "on a shared 2-core machine do not time methods fairly.",
         "",
     ]
+    if cfg.get("scenario_methods"):
+        out += ["Methods per scenario: " + "; ".join(f"{sc}: {len(ms)} ({', '.join(ms)})"
+                                                    for sc, ms in cfg["scenario_methods"].items()) + ".", ""]
     for scenario in SCENARIO_TEXT:
         if not any(r["scenario"] == scenario for r in results["table"]):
             continue
