@@ -190,3 +190,35 @@ def test_vision_images_go_through_the_folders_image_processor(tmp_path):
     mean, std = np.array([0.2, 0.4, 0.6]), np.array([0.5, 0.25, 0.125])
     want = ((raw - mean) / std).transpose(2, 0, 1)
     np.testing.assert_allclose(px[0].numpy(), want, atol=0.05)  # resampling filters differ slightly
+
+
+def test_user_dataset_rows_image_folder_and_eval_refusals(tmp_path):
+    """Image rows are per distinct file; --image-folder resolves both files; <image> moves to the front of its
+    turn; an eval line with several images is refused, naming its line and id."""
+    from laco.experiments.compare import load_preset
+    from laco.experiments.compare.userdata import UserSource, load_user_dataset
+
+    write_toy_llava(tmp_path / "pics", n=3, size=32)  # images in pics/images/, the data files elsewhere
+    (tmp_path / "data").mkdir()
+    conv = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]  # noqa: E731
+    train = tmp_path / "data" / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "image": "images/00000.png", "conversations": conv("What is it?\n<image>", "A red square.")},
+        {"id": "b", "image": "images/00001.png", "conversations": conv("<image>\nWhat is it?", "A green square.")},
+        {"id": "c", "image": "images/00000.png", "conversations": conv("<image>\nColour?", "Red.")}]))
+    ev = tmp_path / "data" / "test.jsonl"
+    ev.write_text(json.dumps({"id": "q", "image": "images/00002.png", "question": "What is it?",
+                              "answer": ["A blue square.", "blue"], "metric": "exact"}) + "\n")
+    preset = load_preset("smoke", scenarios=["train"])
+    ds = load_user_dataset(UserSource(train, ev, tmp_path / "pics"), preset, log=lambda *a: None)
+    assert ds.images["train"] == [tmp_path / "pics" / "images" / f"0000{i}.png" for i in (0, 1)]
+    assert [c[1] for c in ds.convs["train"]] == [0, 1, 0]  # record c shows record a's image
+    assert ds.convs["train"][0][0][0]["content"] == "<image>\nWhat is it?"
+    assert ds.images["test"] == [tmp_path / "pics" / "images" / "00002.png"]
+    assert ds.convs["test"][0][0][-1] == {"role": "assistant", "content": "A blue square."}  # the first reference
+    ev.write_text(json.dumps({"id": "q2", "images": ["images/00001.png", "images/00002.png"], "question": "Same?",
+                              "answer": "no", "metric": "exact"}) + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:1 \(record 'q2'\): 2 images: .*single-image"):
+        load_user_dataset(UserSource(train, ev, tmp_path / "pics"), preset, log=lambda *a: None)
+    res = _invoke([*SMOKE, "--eval", ev])
+    assert res.exit_code != 0 and "--data and --eval go together" in str(res.exception)
