@@ -50,7 +50,8 @@ tokenizer, tokenised splits), ``steps`` (seeds, model building, cached forward, 
 evaluation), ``pipeline`` (``prepare_data``, ``prepare``, ``run_train``, ``run_retrofit``,
 ``run_readout``, ``run_seed``, ``run_compare``), ``parallel`` (the methods' jobs in forked single-thread
 workers: ``workers: 2`` on 2 cores; same rows as one process), ``results`` (aggregation, baselines,
-contrasts, ``merge_results``);
+contrasts, ``merge_results``), ``userdata`` (``laco compare --data``: the MLLM scenarios on your own LLaVA data,
+with a vision encoder / LLM from disk or the embedded ones; ``UserSource``, ``UserDataset``);
 the report (markdown, plots) is ``laco.experiments.report``.
 """
 
