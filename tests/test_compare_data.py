@@ -222,3 +222,28 @@ def test_user_dataset_rows_image_folder_and_eval_refusals(tmp_path):
         load_user_dataset(UserSource(train, ev, tmp_path / "pics"), preset, log=lambda *a: None)
     res = _invoke([*SMOKE, "--eval", ev])
     assert res.exit_code != 0 and "--data and --eval go together" in str(res.exception)
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_own_data_with_clip_and_dinov2_towers(tmp_path, family):
+    """CLS-prefixed towers with centre-cropping processors (CLIP's, DINOv2's Bit one) run end to end."""
+    import transformers as tf
+
+    train, ev = _user_data(tmp_path, n_train=8, n_eval=4)
+    vision = tmp_path / family
+    small = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8)
+    if family == "clip":
+        tf.CLIPVisionModel(tf.CLIPVisionConfig(**small, intermediate_size=64)).save_pretrained(vision)
+        proc = tf.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40})
+    else:
+        tf.Dinov2Model(tf.Dinov2Config(**small, mlp_ratio=2)).save_pretrained(vision)
+        proc = tf.BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 36, "width": 36})
+    proc.save_pretrained(vision)
+    llm, _ = _tiny_llm(tmp_path / "llm", train)
+    out = tmp_path / "out"
+    res = _invoke([*SMOKE, "--scenarios", "train", "--data", train, "--eval", ev, "--vision", vision, "--llm", llm,
+                   "--out", out, "--cache-dir", tmp_path / "cache"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    runs = {(r["method"], r["scenario"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
+    # 4 x 4 patches (the CLS token is dropped), 2 x 2 after the merge
+    assert runs[("none", "train")]["visual_tokens"] == 16 and runs[("laco@1/4", "train")]["visual_tokens"] == 4
