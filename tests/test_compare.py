@@ -326,6 +326,9 @@ def test_cli_merge_writes_the_merged_report(smoke_results, tmp_path):
     assert merged["config"]["seeds"] == [0, 1] and (tmp_path / "m" / "acc_vs_flops.png").is_file()
     res = CliRunner().invoke(app, ["compare", "--merge", str(out), "--merge", str(tmp_path / "b")])
     assert res.exit_code != 0 and "--merge needs --out" in str(res.exception)
+    res = CliRunner().invoke(app, ["compare", "--merge", str(out), "--merge", str(tmp_path / "b"), "--out",
+                                   str(tmp_path / "m2"), "--data", "train.json"])
+    assert res.exit_code != 0 and "--data would be ignored" in str(res.exception) and not (tmp_path / "m2").exists()
 
 
 def _greedy_answers(model, data, images, rows, max_new: int) -> tuple[list, list]:

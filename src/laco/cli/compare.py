@@ -64,6 +64,10 @@ def compare(
     if merge:
         if out is None:
             raise ValueError("--merge needs --out, the folder to write the merged results to")
+        ignored = [f for f, v in (("--data", data), ("--eval", eval_file), ("--image-folder", image_folder),
+                                  ("--vision", vision), ("--llm", llm)) if v is not None]
+        if ignored:
+            raise ValueError(f"--merge runs nothing: {', '.join(ignored)} would be ignored (the parts record their data)")
         results = merge_results(merge, command=command)
         with OutputLock(out, "compare output folder"):
             write_report(results, out)
@@ -75,9 +79,9 @@ def compare(
         check_output_path(out, "--out")
     user = _user_source(data, eval_file, image_folder, vision, llm)
     if config is not None:  # a config file may name its preset
-        data = read_yaml(config, "compare config") or {}
-        if isinstance(data, dict) and "preset" in data and preset == "quick":
-            preset = str(data["preset"])
+        fields = read_yaml(config, "compare config") or {}
+        if isinstance(fields, dict) and "preset" in fields and preset == "quick":
+            preset = str(fields["preset"])
     seed_list = None
     if seeds:
         try:
