@@ -67,6 +67,7 @@ def test_own_data_errors_name_the_problem(tmp_path):
     res = _invoke([*base, "--scenarios", "train", "--data", bad, "--eval", ev])
     assert res.exit_code != 0 and "record 'toy-00002' (#2)" in str(res.exception)
     assert "2 '<image>' placeholder(s) but 1 image(s)" in str(res.exception)
+    assert not (tmp_path / "out").exists()  # a run that failed before writing anything leaves no folder behind
     # several images: refused, naming the record
     records[2]["image"] = [records[2]["image"], records[3]["image"]]
     bad.write_text(json.dumps(records))
