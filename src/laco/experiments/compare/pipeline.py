@@ -406,21 +406,21 @@ def run_seed(ctx: Context, *, log=print) -> list[dict[str, Any]]:
     trained = [(m, scenarios) for m, scenarios in trained if scenarios]
     retrofits = [m for m in p.methods_for("retrofit") if m != "none"] if "retrofit" in mllm else []
 
-    keys = ([("base", "none")] if base_scenarios else []) + [("readout", m) for m in readouts] \
-        + [("train", m) for m, _ in trained]
-    jobs = ([lambda: _train_base(ctx, base_scenarios, bool(retrofits))] if base_scenarios else []) \
-        + [lambda m=m: [run_readout(ctx, m)] for m in readouts] \
-        + [lambda m=m, sc=sc: _train_rows(ctx, m, sc) for m, sc in trained]
+    # (key, job) pairs, the longest job (the uncompressed model's training) first
+    jobs = ([(("base", "none"), lambda: _train_base(ctx, base_scenarios, bool(retrofits)))] if base_scenarios else []) \
+        + [(("readout", m), lambda m=m: [run_readout(ctx, m)]) for m in readouts] \
+        + [(("train", m), lambda m=m, sc=sc: _train_rows(ctx, m, sc)) for m, sc in trained]
     text = None
     if mllm:
         text = evaluate_text_only(ctx.llm, ctx.splits[(ctx.eval_split, 0)], p.eval_batch_size, p.eval_limit)
         log(f"  text-only LLM (no image) seed {seed}: acc {text['accuracy']:.1f}")
     done: dict[tuple[str, str], list[dict[str, Any]]] = {}
     base_blob = None
-    for i, result in run_jobs(jobs, p.workers, p.threads):
-        if keys[i][0] == "base":
+    for i, result in run_jobs([job for _, job in jobs], p.workers, p.threads):
+        key = jobs[i][0]
+        if key[0] == "base":
             result, base_blob = result
-        done[keys[i]] = result
+        done[key] = result
         for row in result:
             report(row)
     if retrofits:
