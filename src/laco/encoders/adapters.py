@@ -71,8 +71,12 @@ class EncoderAdapter:
     def embed_params(self) -> int:
         return sum(p.numel() for p in self.model.embeddings.parameters())
 
+    #: whether the layers take an attention mask as their second positional argument (DINOv2's do not in 5.17)
+    layer_takes_mask = True
+
     def call_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = layer(x, None)  # vision towers use no attention mask; older transformers return tuples
+        # vision towers use no attention mask; older transformers return tuples
+        out = layer(x, None) if self.layer_takes_mask else layer(x)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -101,6 +105,8 @@ class CLIPAdapter(EncoderAdapter):
 @_register("Dinov2Model", "Dinov2WithRegistersModel")
 class Dinov2Adapter(EncoderAdapter):
     """DINOv2: CLS (+ registers) in front; position embeddings interpolate to any image size."""
+
+    layer_takes_mask = False
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
