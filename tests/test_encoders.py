@@ -8,6 +8,8 @@ from torch import nn
 import laco
 from laco.encoders import get_adapter, resolve_layer
 
+pytestmark = pytest.mark.compat  # also runs in the oldest-transformers CI venv: each family's layers, 5.17's signatures
+
 FAMILIES = ["tiny-siglip", "tiny-clip", "tiny-dinov2-reg"]
 PREFIX = {"tiny-siglip": 0, "tiny-clip": 1, "tiny-dinov2-reg": 3}
 
@@ -35,16 +37,19 @@ def reference_forward(model, px, k):
     """The model's own modules, called by hand: embeddings -> layers[:k] -> avg pool -> layers[k:] -> norm."""
     if isinstance(model, laco.encoders.presets.SiglipVisionModel):
         x, layers, final, prefix = model.embeddings(px), model.encoder.layers, model.post_layernorm, 0
+        mask = (None,)
     elif isinstance(model, laco.encoders.presets.CLIPVisionModel):
         x, layers, final, prefix = model.pre_layrnorm(model.embeddings(px)), model.encoder.layers, nn.Identity(), 1
-    else:
+        mask = (None,)
+    else:  # DINOv2's layers take no attention mask (5.17 refuses a second positional argument)
         x, layers, final = model.embeddings(px), model.encoder.layer, model.layernorm
-        prefix = 1 + model.config.num_register_tokens
+        prefix, mask = 1 + model.config.num_register_tokens, ()
     grid = (px.shape[-2] // model.config.patch_size, px.shape[-1] // model.config.patch_size)
     for i, layer in enumerate(layers):
         if i == k:
             x = avg_pool_patches(x, prefix, grid)
-        x = layer(x, None)
+        out = layer(x, *mask)
+        x = out[0] if isinstance(out, tuple) else out  # older transformers return tuples
     return final(x)
 
 
