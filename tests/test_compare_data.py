@@ -33,6 +33,9 @@ def test_own_data_end_to_end_with_the_embedded_encoder(tmp_path):
     from laco.eval.blind import blind_baseline
 
     train, ev = _user_data(tmp_path)
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]
+    records = json.loads(train.read_text())  # + two text-only records (as LLaVA-665K has): left out, counted
+    train.write_text(json.dumps(records + [{"id": f"t{i}", "conversations": chat} for i in range(2)]))
     out = tmp_path / "out"
     res = _invoke([*SMOKE, "--scenarios", "train", "--data", train, "--eval", ev, "--out", out,
                    "--cache-dir", tmp_path / "cache"])
@@ -49,9 +52,11 @@ def test_own_data_end_to_end_with_the_embedded_encoder(tmp_path):
     assert results["baselines"][0]["acc_mean"] == pytest.approx(blind_baseline(train, ev).accuracy, abs=0.01)
     data = results["data"]
     assert data["train_file"] == str(train) and data["counts"] == {
-        "train_conversations": 24, "train_images": 24, "eval_questions": 8, "eval_images": 8}
+        "train_conversations": 24, "train_images": 24, "train_text_only_left_out": 2, "eval_questions": 8,
+        "eval_images": 8}
     assert "pretrained encoder" in data["seed_varies"] and "LLM" in data["seed_varies"]
     md = (out / "results.md").read_text()
+    assert "24 conversations, 24 images; 2 text-only records left out" in md
     assert "your own" in md and str(ev) in md and "a seed varies" in md and "| *blind (majority answer)* |" in md
     assert (out / "command.txt").is_file() and (out / "acc_vs_flops.png").is_file()
 
@@ -73,6 +78,11 @@ def test_own_data_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps(records))
     res = _invoke([*base, "--scenarios", "train", "--data", bad, "--eval", ev])
     assert res.exit_code != 0 and "toy-00002" in str(res.exception) and "single-image" in str(res.exception)
+    # only text-only records: nothing to compare on
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]
+    bad.write_text(json.dumps([{"id": "t", "conversations": chat}]))
+    res = _invoke([*base, "--scenarios", "train", "--data", bad, "--eval", ev])
+    assert res.exit_code != 0 and "no record with an image (1 text-only records)" in str(res.exception)
     # readout needs the embedded encoder's head
     res = _invoke([*base, "--scenarios", "readout,train", "--data", train, "--eval", ev])
     assert res.exit_code != 0 and "readout" in str(res.exception) and "--data" in str(res.exception)

@@ -101,6 +101,15 @@ def test_each_bad_record_is_reported_with_its_id(tmp_path, case):
     assert json.loads((tmp_path / "report.jsonl").read_text())["index"] == 1
 
 
+def test_missing_image_under_a_relative_folder_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    recs = [_rec("m", "nope.png", ("human", "<image>\nQ"), ("gpt", "A"))]
+    with pytest.raises(BadRecordError) as err:
+        load_llava(recs, "imgs", on_bad_record="raise")
+    assert f"looked for {tmp_path.resolve() / 'imgs' / 'nope.png'}" in str(err.value)
+
+
 def test_image_that_fails_to_decode_later(tmp_path, processor, caplog):
     # passes the cheap "exists" check at load time, fails when the sample is read
     (tmp_path / "bad.png").write_bytes(b"garbage")

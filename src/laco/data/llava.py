@@ -219,7 +219,8 @@ def check_image(path: Path, how: ImageCheck = "open") -> str | None:
     if how == "none":
         return None
     if not path.is_file():
-        hint = "" if path.is_absolute() else " (relative to the current directory: set image_folder)"
+        # a relative path here is relative to the cwd (resolve_image_path already joined any image_folder)
+        hint = "" if path.is_absolute() else f" (looked for {path.resolve()}; relative paths are read from image_folder)"
         return f"image file not found: {path}{hint}"
     if how == "open":
         try:

@@ -2,8 +2,10 @@
 
 * **Data**: a LLaVA-format training file (``laco.data.llava.load_llava``: a bad record stops the run with the
   loader's error, naming the record) and an evaluation JSONL in ``laco eval``'s format
-  (``laco.eval.evaluator.load_records``). Single-image records only: a record with no image, several images or
-  a video is refused with an error naming it (file, record id). Image paths resolve against ``--image-folder``
+  (``laco.eval.evaluator.load_records``). Single-image records only: a record with several images or a video
+  is refused with an error naming it (file, record id); text-only training records (LLaVA-665K's ShareGPT
+  part) are left out and counted (``counts.train_text_only_left_out``): no compressor sees them, and the
+  comparison trains every method on the same image conversations. An eval record must have one image. Image paths resolve against ``--image-folder``
   when given (both files), else against each file's own folder (as ``load_llava`` and ``laco eval`` do).
 * **Vision encoder**: default, the embedded pretrained encoder of the seed (user images resized to its square
   input, ``to_pixel_values``); ``--vision DIR``: a SigLIP / CLIP / DINOv2 vision model saved there (a full
@@ -126,13 +128,17 @@ def _refuse(what: str) -> str:
     return f"{what}: laco compare --data takes single-image records only (one image, no video)"
 
 
-def _train_conversations(user: UserSource, rows: dict[Path, int]) -> list[tuple]:
+def _train_conversations(user: UserSource, rows: dict[Path, int]) -> tuple[list[tuple], int]:
+    """(conversations, number of text-only records left out)."""
     from laco.data.llava import ROLE_MAP, BadRecord, BadRecordError, load_llava, resolve_image_path
 
     data = load_llava(user.train, user.image_folder, on_bad_record="raise", progress=False)
-    out = []
+    out, text_only = [], 0
     for i in range(len(data)):
         rec = data.records[i]
+        if not rec["images"] and not rec["videos"]:
+            text_only += 1
+            continue
         if len(rec["images"]) != 1 or rec["videos"]:
             n = len(rec["images"])
             raise BadRecordError(BadRecord(i, rec["id"], _refuse(f"{n} images" + (" and a video" * bool(rec["videos"]))
@@ -145,7 +151,10 @@ def _train_conversations(user: UserSource, rows: dict[Path, int]) -> list[tuple]
                 text = IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
             msgs.append({"role": ROLE_MAP[t["from"]], "content": text})
         out.append((msgs, rows.setdefault(path, len(rows)), sum(m["role"] == "assistant" for m in msgs), "train", 1))
-    return out
+    if not out:
+        raise ValueError(f"--data {user.train}: no record with an image ({text_only} text-only records); "
+                         "laco compare trains on image conversations")
+    return out, text_only
 
 
 def _eval_conversations(user: UserSource, rows: dict[Path, int]) -> list[tuple]:
@@ -165,15 +174,16 @@ def _eval_conversations(user: UserSource, rows: dict[Path, int]) -> list[tuple]:
 def load_user_dataset(user: UserSource, preset: ComparePreset, *, log=print) -> UserDataset:
     """Read and check both files (every image is opened once by the loaders); refuse multi-image records."""
     user.check_preset(preset)
-    images, convs = {}, {}
-    for split, read in (("train", _train_conversations), (preset.eval_split, _eval_conversations)):
-        rows: dict[Path, int] = {}
-        convs[split] = read(user, rows)
-        images[split] = list(rows)  # dicts keep insertion order: row i is the i-th new image
+    rows: dict[str, dict[Path, int]] = {"train": {}, preset.eval_split: {}}  # image file -> row, in first-seen order
+    train, text_only = _train_conversations(user, rows["train"])
+    convs = {"train": train, preset.eval_split: _eval_conversations(user, rows[preset.eval_split])}
+    images = {split: list(r) for split, r in rows.items()}  # dicts keep insertion order: row i is the i-th new image
     counts = {"train_conversations": len(convs["train"]), "train_images": len(images["train"]),
+              "train_text_only_left_out": text_only,
               "eval_questions": len(convs[preset.eval_split]), "eval_images": len(images[preset.eval_split])}
-    log(f"data: {user.train} ({counts['train_conversations']} conversations, {counts['train_images']} images), "
-        f"eval {user.eval} ({counts['eval_questions']} questions, {counts['eval_images']} images)")
+    left_out = f", {text_only} text-only records left out" if text_only else ""
+    log(f"data: {user.train} ({counts['train_conversations']} conversations, {counts['train_images']} images"
+        f"{left_out}), eval {user.eval} ({counts['eval_questions']} questions, {counts['eval_images']} images)")
     return UserDataset(f"user data ({user.train.name})", user.train.resolve().parent, user.train, user.eval,
                        preset.eval_split, user.image_folder, images, convs, counts=counts)
 
@@ -294,8 +304,9 @@ def markdown_intro(results: dict[str, Any]) -> str:
     """The results.md paragraph on user data: files, models, what a seed varies."""
     d, seeds = results["data"], results["config"]["seeds"]
     c = d["counts"]
+    left_out = c.get("train_text_only_left_out", 0)  # absent in results written before it was counted
     return (f"Data: your own: {d['train_file']} ({c['train_conversations']} conversations, {c['train_images']} "
-            f"images), evaluated on {d['eval_file']} ({c['eval_questions']} questions, {c['eval_images']} images). "
+            f"images{f'; {left_out} text-only records left out' if left_out else ''}), evaluated on {d['eval_file']} ({c['eval_questions']} questions, {c['eval_images']} images). "
             f"Vision encoder: {d['vision']}. LLM: {d['llm']}. Seeds: {seeds}; a seed varies {d['seed_varies']}. "
             f"Accuracy: greedy exact match of the (first) reference answer"
             + (" (mean ± sample std over seeds)." if len(seeds) > 1 else " (one seed)."))
