@@ -159,10 +159,15 @@ def test_answer_marks_follow_the_chat_template(tmp_path):
         load_tokenizer(tmp_path / "nochat")
 
 
+@pytest.mark.compat  # also in the oldest-transformers CI venv: 5.17's SiglipVisionConfig has no vision_use_head default
 def test_own_data_with_vision_and_llm_from_disk(tmp_path):
     train, ev = _user_data(tmp_path, n_train=16, n_eval=6)
     vision = _tiny_vision(tmp_path / "vision")
     llm, _ = _tiny_llm(tmp_path / "llm", train)
+    from laco.experiments.compare.userdata import load_vision
+
+    tower = load_vision(vision)  # the saved pooling head is not built (the patch tokens are what an MLLM reads)
+    assert not any("head" in name.split(".") for name, _ in tower.named_parameters())
     out = tmp_path / "out"
     # no --scenarios: the preset's MLLM scenarios (smoke: all three), without readout
     res = _invoke([*SMOKE, "--data", train, "--eval", ev, "--vision", vision, "--llm", llm, "--out", out,

@@ -182,6 +182,7 @@ def test_grad_accumulation_matches_the_full_batch(tmp_path, toy):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
 
 
+@pytest.mark.compat  # also in the oldest-transformers CI venv: the checkpointing API's name differs in 5.17
 def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, toy):
     # non-reentrant activation checkpointing recomputes the same forward: same losses and weights
     runs = []

@@ -4,6 +4,8 @@
   ``__post_init__``; 5.17-5.23 declare ``sub_configs`` and each composite config builds its own.
 * The KV cache: 5.24 names it ``cache`` (keyword and output field); 5.17-5.23 ``past_key_values``.
 * ``slice_logits_to_keep`` (the positions an LM head projects): in 5.24, not in 5.17-5.19.
+* Activation checkpointing: 5.24 names it ``activation_checkpointing_enable`` (``gradient_checkpointing_*`` is a
+  deprecated alias that warns); 5.17 has only ``gradient_checkpointing_enable``.
 """
 
 from __future__ import annotations
@@ -64,3 +66,17 @@ except ImportError:  # pragma: no cover - exercised in the oldest-transformers C
         tensor names (the slicing of 5.17-5.19's causal LMs)."""
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return hidden_states[:, keep, :]
+
+
+def set_activation_checkpointing(model, on: bool, **kwargs: Any) -> None:
+    """Activation (gradient) checkpointing of a ``PreTrainedModel`` on or off, under either name; ``kwargs``
+    go to ``torch.utils.checkpoint`` (e.g. ``use_reentrant=False``)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif on:  # pragma: no cover - exercised in the oldest-transformers CI venv
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    elif model.is_gradient_checkpointing:  # pragma: no cover
+        model.gradient_checkpointing_disable()

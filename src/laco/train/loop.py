@@ -58,6 +58,7 @@ from laco.safety import (
     weights_identity,
     write_marker,
 )
+from laco.model.compat import set_activation_checkpointing
 from laco.model.modeling import MODULE_LAYOUT
 from laco.train.config import DataConfig, RunConfig, StageConfig, load_run_config, save_run_config
 from laco.train.optim import _lora_wrapped, build_optimizer, build_scheduler, freeze_for_stage, param_groups
@@ -122,10 +123,7 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
     """Gradient (activation) checkpointing on or off (non-reentrant: works with frozen inputs)."""
     if on and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    if on:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_activation_checkpointing", False):
-        model.activation_checkpointing_disable()  # a previous stage may have enabled it
+    set_activation_checkpointing(model, on, use_reentrant=False)  # off: a previous stage may have enabled it
 
 
 def apply_lora(model: nn.Module, lora) -> nn.Module:

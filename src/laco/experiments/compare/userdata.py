@@ -230,26 +230,30 @@ def _vision_classes(vision_dir: Path):
         raise ValueError(f"--vision {vision_dir}: model_type {mt!r} is not a supported vision encoder; "
                          f"supported: {', '.join(VISION_CLASSES)}")
     cfg_cls, model_cls = VISION_CLASSES[mt]
-    # MLLMs read the patch tokens: SigLIP's pooling head is not built (LaCoConfig switches it off too)
-    kwargs = {"vision_use_head": False} if mt.startswith("siglip") else {}
-    return getattr(transformers, cfg_cls), getattr(transformers, model_cls), kwargs
+    return getattr(transformers, cfg_cls), getattr(transformers, model_cls)
 
 
 def vision_config(vision_dir: Path):
     """The vision config of a --vision folder (a full SigLIP / CLIP config gives its vision part)."""
-    cfg_cls, _, kwargs = _vision_classes(vision_dir)
-    return cfg_cls.from_pretrained(vision_dir, **kwargs)
+    cfg_cls, _ = _vision_classes(vision_dir)
+    cfg = cfg_cls.from_pretrained(vision_dir)
+    if cfg.model_type.startswith("siglip"):
+        # MLLMs read the patch tokens: SigLIP's pooling head is not built (LaCoConfig switches it off too). Set
+        # on the object: 5.17's SiglipVisionConfig has no such default, so a from_pretrained keyword would be
+        # handed on to the model's __init__ and refused there
+        cfg.vision_use_head = False
+    return cfg
 
 
 def load_vision(vision_dir: Path):
     """The vision encoder of a --vision folder, float32, eval mode (a full SigLIP / CLIP model: its tower)."""
     from transformers.utils import logging as hf_logging
 
-    _, model_cls, kwargs = _vision_classes(vision_dir)
+    _, model_cls = _vision_classes(vision_dir)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a SigLIP's pooling-head weights are left out on purpose: no warning table
     try:
-        return model_cls.from_pretrained(vision_dir, dtype=torch.float32, **kwargs).eval()
+        return model_cls.from_pretrained(vision_dir, config=vision_config(vision_dir), dtype=torch.float32).eval()
     finally:
         hf_logging.set_verbosity(level)
 
