@@ -161,11 +161,11 @@ def test_answer_marks_follow_the_chat_template(tmp_path):
 
 @pytest.mark.compat  # also in the oldest-transformers CI venv: 5.17's SiglipVisionConfig has no vision_use_head default
 def test_own_data_with_vision_and_llm_from_disk(tmp_path):
+    from laco.experiments.compare.userdata import load_vision
+
     train, ev = _user_data(tmp_path, n_train=16, n_eval=6)
     vision = _tiny_vision(tmp_path / "vision")
     llm, _ = _tiny_llm(tmp_path / "llm", train)
-    from laco.experiments.compare.userdata import load_vision
-
     tower = load_vision(vision)  # the saved pooling head is not built (the patch tokens are what an MLLM reads)
     assert not any("head" in name.split(".") for name, _ in tower.named_parameters())
     out = tmp_path / "out"

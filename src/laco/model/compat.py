@@ -5,7 +5,7 @@
 * The KV cache: 5.24 names it ``cache`` (keyword and output field); 5.17-5.23 ``past_key_values``.
 * ``slice_logits_to_keep`` (the positions an LM head projects): in 5.24, not in 5.17-5.19.
 * Activation checkpointing: 5.24 names it ``activation_checkpointing_enable`` (``gradient_checkpointing_*`` is a
-  deprecated alias that warns); 5.17 has only ``gradient_checkpointing_enable``.
+  deprecated alias that warns); 5.17-5.19 have only ``gradient_checkpointing_enable``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ except ImportError:  # pragma: no cover - exercised in the oldest-transformers C
 def set_activation_checkpointing(model, on: bool, **kwargs: Any) -> None:
     """Activation (gradient) checkpointing of a ``PreTrainedModel`` on or off, under either name; ``kwargs``
     go to ``torch.utils.checkpoint`` (e.g. ``use_reentrant=False``)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.24 (not in 5.19)
         if on:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
         elif model.is_activation_checkpointing:

@@ -4,9 +4,10 @@
   loader's error, naming the record) and an evaluation JSONL in ``laco eval``'s format
   (``laco.eval.evaluator.load_records``). Single-image records only: a record with several images or a video
   is refused with an error naming it (file, record id); text-only training records (LLaVA-665K's ShareGPT
-  part) are left out and counted (``counts.train_text_only_left_out``): no compressor sees them, and the
-  comparison trains every method on the same image conversations. An eval record must have one image. Image paths resolve against ``--image-folder``
-  when given (both files), else against each file's own folder (as ``load_llava`` and ``laco eval`` do).
+  part) are left out and counted (``counts.train_text_only_left_out``): no compressor sees them, and every
+  method trains on the same image conversations. An eval record must have one image. Image paths resolve
+  against ``--image-folder`` when given (both files), else against each file's own folder (as ``load_llava``
+  and ``laco eval`` do).
 * **Vision encoder**: default, the embedded pretrained encoder of the seed (user images resized to its square
   input, ``to_pixel_values``); ``--vision DIR``: a SigLIP / CLIP / DINOv2 vision model saved there (a full
   SigLIP / CLIP model gives its vision tower), its images through the folder's own image processor
@@ -309,8 +310,10 @@ def markdown_intro(results: dict[str, Any]) -> str:
     d, seeds = results["data"], results["config"]["seeds"]
     c = d["counts"]
     left_out = c.get("train_text_only_left_out", 0)  # absent in results written before it was counted
+    left_out = f"; {left_out} text-only records left out" if left_out else ""
     return (f"Data: your own: {d['train_file']} ({c['train_conversations']} conversations, {c['train_images']} "
-            f"images{f'; {left_out} text-only records left out' if left_out else ''}), evaluated on {d['eval_file']} ({c['eval_questions']} questions, {c['eval_images']} images). "
+            f"images{left_out}), evaluated on {d['eval_file']} ({c['eval_questions']} questions, "
+            f"{c['eval_images']} images). "
             f"Vision encoder: {d['vision']}. LLM: {d['llm']}. Seeds: {seeds}; a seed varies {d['seed_varies']}. "
             f"Accuracy: greedy exact match of the (first) reference answer"
             + (" (mean ± sample std over seeds)." if len(seeds) > 1 else " (one seed)."))
