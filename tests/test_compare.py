@@ -280,13 +280,13 @@ def test_merge_parts_run_per_seed(smoke_results, tmp_path):
             r["after"] = {**r["after"], "accuracy": r["after"]["accuracy"] + 2.0}
     other["config"]["seeds"], other["config"]["threads"] = [7], 2
     # seed 7 pretrained its own encoder (v2): other weights and metrics, the same encoder config
-    other["encoder"] = {**other["encoder"], "pretrain_metrics": {"quadrant_acc": 1.0},
-                        "per_seed": {"7": {"quadrant_acc": 1.0}}}
+    seven = {"quadrant_acc": 1.0, "dot_acc": 2.0}
+    other["encoder"] = {**other["encoder"], "pretrain_metrics": seven, "per_seed": {"7": seven}}
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text(json.dumps(other))
     merged = C.merge_results([out, tmp_path / "b"], command="laco compare --merge a --merge b")
     assert merged["config"]["seeds"] == [0, 7] and len(merged["runs"]) == 2 * len(results["runs"])
-    assert merged["encoder"]["per_seed"]["7"] == {"quadrant_acc": 1.0} and set(merged["encoder"]["per_seed"]) == {"0", "7"}
+    assert merged["encoder"]["per_seed"]["7"] == seven and set(merged["encoder"]["per_seed"]) == {"0", "7"}
     row = next(r for r in merged["table"] if (r["scenario"], r["method"]) == ("train", "laco@1/4"))
     one = next(r for r in results["table"] if (r["scenario"], r["method"]) == ("train", "laco@1/4"))
     assert row["seeds"] == 2 and row["acc_mean"] == pytest.approx(one["acc_mean"] + 1.0, abs=0.01)
@@ -295,6 +295,9 @@ def test_merge_parts_run_per_seed(smoke_results, tmp_path):
     from laco.experiments.report import markdown
 
     assert "Merged from 2 runs" in markdown(merged) and "Paired differences" in markdown(merged)
+    q0 = merged["encoder"]["per_seed"]["0"]["quadrant_acc"]  # every seed's own encoder, in the header
+    assert f"seed 0: held-out quadrant accuracy {q0}%" in markdown(merged)
+    assert "seed 7: held-out quadrant accuracy 1.0%, dot colour 2.0%" in markdown(merged)
     pair = next(c for c in merged["contrasts"] if (c["scenario"], c["a"], c["b"]) == ("train", "laco@1/4", "laco@post"))
     assert pair["seeds"] == [0, 7]
 

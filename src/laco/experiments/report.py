@@ -84,9 +84,15 @@ SCENARIO_TEXT = {
 }
 
 
+def _encoder_accuracies(encoder: dict[str, Any], seeds: list[int]) -> str:
+    """Held-out accuracies of the pretrained encoder of each seed (a merged run has ``per_seed``)."""
+    per_seed = encoder.get("per_seed") or {str(seeds[0]): encoder["pretrain_metrics"]}
+    return "; ".join(f"seed {s}: held-out quadrant accuracy {m['quadrant_acc']}%, dot colour {m['dot_acc']}%"
+                     for s, m in per_seed.items())
+
+
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    enc = results["encoder"]["pretrain_metrics"]
     seeds = cfg["seeds"]
     split = results.get("eval_split", "test")
     out = [
@@ -96,8 +102,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Data: {results['data_source']} scenes ({cfg['data']['num_train']} train conversations, "
         f"{cfg['data'][f'num_{split}']} {split} scenes, {cfg['data']['canvas']} px). Encoder: SigLIP-structured, "
         f"{cfg['pretrain']['num_hidden_layers']} layers, width {cfg['pretrain']['hidden_size']}, pretrained on quadrant "
-        f"classification (seed {seeds[0]}: held-out quadrant accuracy {enc['quadrant_acc']}%, dot colour "
-        f"{enc['dot_acc']}%). LLM: Qwen2-structured, {cfg['llm']['num_hidden_layers']} layers, width "
+        f"classification ({_encoder_accuracies(results['encoder'], seeds)}). LLM: Qwen2-structured, {cfg['llm']['num_hidden_layers']} layers, width "
         f"{cfg['llm']['hidden_size']}, trained on the questions as text first. Seeds: {seeds}"
         + (" (each seed pretrains its own encoder and LLM and draws its own data order; the projector starts from "
            "the same weights for every method of a seed)" if "blind" in results else "")
