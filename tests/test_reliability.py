@@ -130,6 +130,22 @@ def test_second_concurrent_resume_is_refused(tmp_path, toy, monkeypatch):
     train(*tiny(), toy, cfg(out), resume=True)
 
 
+def test_output_lock_removes_only_the_empty_folder_it_created(tmp_path):
+    new, kept, existing = tmp_path / "new" / "deep", tmp_path / "kept", tmp_path / "existing"
+    existing.mkdir()
+    for folder, write in ((new, False), (kept, True), (existing, False)):
+        with pytest.raises(RuntimeError), OutputLock(folder):
+            if write:
+                (folder / "results.json").write_text("{}")
+            raise RuntimeError("the run failed")
+    assert not new.exists() and new.parent.is_dir()  # the output folder only (a parent made on the way stays)
+    assert (kept / "results.json").is_file()  # something was written: nothing is removed
+    assert existing.is_dir()  # the user's folder stays
+    with OutputLock(tmp_path / "ok"):  # a run that succeeds keeps its folder even if it wrote nothing
+        pass
+    assert (tmp_path / "ok").is_dir()
+
+
 def test_stage_that_trains_nothing_fails(tmp_path, toy):
     stage = StageConfig("align", list(ALIGN), learning_rate=1e-2, max_steps=2, batch_size=4)
     run = RunConfig(output_dir=str(tmp_path / "r"), stages=[stage], progress=False,

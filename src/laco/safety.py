@@ -333,15 +333,18 @@ class OutputLock:
     """An exclusive advisory lock on an output folder (``fcntl.flock`` on ``FOLDER/.laco.lock``).
 
     The lock dies with its process, so a killed run never leaves a stale lock; a second writer gets a
-    ``ValueError`` naming the folder. Use as a context manager or ``acquire()`` / ``release()``.
+    ``ValueError`` naming the folder. Use as a context manager or ``acquire()`` / ``release()``. As a
+    context manager, a body that fails before writing anything into a folder the lock created leaves no
+    folder behind (a bad input must not leave an empty output folder that blocks or confuses the next run).
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "output folder"):
-        self.folder, self.what, self._fd = Path(folder), what, None
+        self.folder, self.what, self._fd, self._created = Path(folder), what, None, False
 
     def acquire(self) -> "OutputLock":
         import fcntl
 
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -362,5 +365,8 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            (self.folder / LOCK_FILE).unlink()  # still holding the flock: no other writer is inside
+            self.folder.rmdir()
         self.release()

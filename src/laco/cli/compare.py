@@ -101,25 +101,13 @@ def compare(
     out = out or Path("laco-results") / "compare" / p.name
     console.print(f"[bold]laco compare[/bold]: preset {p.name}, {len(p.methods)} methods x {p.scenarios} x seeds {p.seeds} -> {out}")
     check_output_path(out, "--out")
-    created = not out.exists()
-    try:
-        with OutputLock(out, "compare output folder"):  # a second run into the same folder is refused
-            results = run_compare(p, out, command=command, user=user, log=console.print)
-            write_marker(out, "compare")
-    except BaseException:
-        _remove_if_only_lock(out, created)  # a run that failed before writing anything leaves no folder behind
-        raise
+    # a second run into the same folder is refused; one that fails before writing anything leaves no folder
+    with OutputLock(out, "compare output folder"):
+        results = run_compare(p, out, command=command, user=user, log=console.print)
+        write_marker(out, "compare")
     print_table(results, console)
     console.print(f"results: {out / 'results.md'} (+ results.json, acc_vs_flops.png, acc_vs_depth.png); "
                   f"total {results['timings_s']['total_s']:.0f} s")
-
-
-def _remove_if_only_lock(out: Path, created: bool) -> None:
-    from laco.safety import LOCK_FILE
-
-    if created and out.is_dir() and all(p.name == LOCK_FILE for p in out.iterdir()):
-        (out / LOCK_FILE).unlink(missing_ok=True)
-        out.rmdir()
 
 
 def _user_source(data, eval_file, image_folder, vision, llm):

@@ -102,8 +102,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Data: {results['data_source']} scenes ({cfg['data']['num_train']} train conversations, "
         f"{cfg['data'][f'num_{split}']} {split} scenes, {cfg['data']['canvas']} px). Encoder: SigLIP-structured, "
         f"{cfg['pretrain']['num_hidden_layers']} layers, width {cfg['pretrain']['hidden_size']}, pretrained on quadrant "
-        f"classification ({_encoder_accuracies(results['encoder'], seeds)}). LLM: Qwen2-structured, {cfg['llm']['num_hidden_layers']} layers, width "
-        f"{cfg['llm']['hidden_size']}, trained on the questions as text first. Seeds: {seeds}"
+        f"classification ({_encoder_accuracies(results['encoder'], seeds)}). LLM: Qwen2-structured, "
+        f"{cfg['llm']['num_hidden_layers']} layers, width {cfg['llm']['hidden_size']}, trained on the questions as text first. Seeds: {seeds}"
         + (" (each seed pretrains its own encoder and LLM and draws its own data order; the projector starts from "
            "the same weights for every method of a seed)" if "blind" in results else "")
         + f". Accuracy: greedy exact match on the {split} questions"
